@@ -1,0 +1,933 @@
+/*
+ * engine.c - the io_uring-driven fault loop and the C resolver.
+ *
+ * Facts this design rests on (measured on Linux 6.18; see docs/kernel notes):
+ *  - A non-blocking uffd polls readable while a message is pending.  An
+ *    IORING_OP_READ on it parks on that poll inside io_uring (no io-wq
+ *    thread) and completes with n x 32-byte struct uffd_msg.  A BLOCKING uffd
+ *    makes the read complete at once with -EINTR: uffds are always O_NONBLOCK.
+ *  - IORING_OP_READ_MULTISHOT (6.7+) keeps reading into provided buffers; a
+ *    CQE without IORING_CQE_F_MORE means it ended (often -ENOBUFS) and must be
+ *    re-armed.  Older kernels answer -EINVAL: fall back to a re-armed READ.
+ *  - No io_uring opcode issues UFFDIO_* ioctls, so resolution is a plain
+ *    ioctl() from whichever thread processed the message.
+ *  - fork/remap/remove/unmap events block the thread that caused them until
+ *    the event is read, and until then (and briefly after) the fill ioctls
+ *    return EAGAIN.  The messages of one uffd are delivered in order.
+ *  - A wake-up of another thread costs 5-50 us in this VM; one event-loop
+ *    iteration of Python costs a few tens of microseconds more.
+ *
+ * Design that follows:
+ *  - One engine = one ring for one uffd.  Every fault message is read through
+ *    the ring and processed in order by engine_handle_msgs().
+ *  - THREAD mode (UF_ENGINE_THREAD): a C thread sleeps in io_uring_enter and
+ *    processes each batch.  Faults covered by a rule that Python installed
+ *    (zero-fill, a buffer in this process, a file at an offset) are resolved
+ *    right there with ioctl() - file data is first read through the same ring
+ *    into a staging buffer, never into a managed page.  Everything else
+ *    (faults outside rules, WP and MINOR faults, events, errors) is queued
+ *    for Python and the eventfd is written once per batch.  A covered fault
+ *    never enters Python; a fault Python must see costs one extra wake-up.
+ *  - INLINE mode: no thread.  The ring's completions signal the eventfd
+ *    (io_uring_register_eventfd); the event loop waits on it and calls
+ *    uf_engine_poll(), which runs the same processing without blocking.
+ *    Python-handled faults save one wake-up this way.
+ *  - Events change the rules before any later message is looked at: REMOVE
+ *    (madvise DONTNEED/FREE/REMOVE by the application) turns the range into
+ *    zero-fill, UNMAP drops it, REMAP moves it.  A file read that was in
+ *    flight when an event arrived is re-checked against the new rules before
+ *    its data is installed (epoch counter), so discarded data never returns.
+ *  - A fault whose fill returned EAGAIN is deferred and retried after the
+ *    next batch, or after a 50 us ring timeout when no message comes.
+ *  - user_data = kind << 56 | index, so that later users of the ring (store
+ *    I/O) key their completions into their own tables of pending operations.
+ *  - Stopping asks the kernel to cancel every request and waits for every
+ *    completion before buffers are freed: nothing the kernel still owns is
+ *    released early (the discipline of trio's wait_overlapped).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+
+#include <liburing.h>
+
+#include "compat.h"
+#include "uffdio.h"
+
+#define UF_PAGE 4096ULL
+#define UD(kind, idx) (((uint64_t)(kind) << 56) | (uint64_t)(idx))
+#define UD_KIND(ud) ((unsigned)((ud) >> 56))
+#define UD_IDX(ud) ((ud) & ((1ULL << 56) - 1))
+
+enum { UD_READ = 1, UD_FILE = 2, UD_TIMER = 3, UD_STOP = 4, UD_CANCEL = 5 };
+
+#define BGID 7
+#define NBUFS 16              /* provided buffers for the multishot read */
+#define BUFMSGS 64            /* messages per read */
+#define NSLOTS 64             /* file reads in flight */
+#define RETRY_NS 50000        /* EAGAIN retry timer */
+
+#define STAT_ADD(field, n) __atomic_fetch_add(&e->st.field, (n), __ATOMIC_RELAXED)
+
+struct rule {
+	uint64_t start, end, src, off;
+	int kind, fd;
+	uint32_t chunk;
+};
+
+struct slot {
+	int used;
+	struct uf_msg msg;  /* the fault that started the read */
+	uint64_t dst, len, epoch;
+	void *buf;
+	size_t bufsz;
+};
+
+struct uf_engine {
+	int uffd, flags, notify_fd, stop_fd;
+	struct io_uring ring;
+	int ring_ok;
+
+	/* reading */
+	int multishot;
+	struct io_uring_buf_ring *br;
+	size_t br_size;
+	char *bufs;
+	char *rdbuf;
+	int read_armed;
+	int read_failed;
+
+	/* rules (Python adds them from the loop thread) */
+	pthread_mutex_t rules_lock;
+	struct rule *rules;
+	size_t nrules, caprules;
+	uint64_t epoch;
+
+	/* file reads */
+	struct slot slots[NSLOTS];
+
+	/* faults to retry */
+	struct uf_msg *deferred;
+	size_t ndeferred, capdeferred;
+	int timer_armed;
+	struct __kernel_timespec retry_ts;
+
+	/* queue for Python */
+	pthread_mutex_t q_lock;
+	struct uf_msg *q;
+	size_t qhead, qlen, qcap;
+	int pushed;
+
+	/* lifecycle */
+	pthread_t thr;
+	int thread_started, started, stopping, stop_armed;
+	uint64_t inflight;
+	uint64_t stop_buf;
+
+	struct uf_engine_stats st;
+};
+
+/* ---- queue to Python ----------------------------------------------------------- */
+
+static int q_push(uf_engine *e, const struct uf_msg *m)
+{
+	pthread_mutex_lock(&e->q_lock);
+	if (e->qlen == e->qcap) {
+		size_t ncap = e->qcap ? e->qcap * 2 : 256, i;
+		struct uf_msg *nq = malloc(ncap * sizeof(*nq));
+		if (!nq) {
+			pthread_mutex_unlock(&e->q_lock);
+			return -ENOMEM;
+		}
+		for (i = 0; i < e->qlen; i++)
+			nq[i] = e->q[(e->qhead + i) % e->qcap];
+		free(e->q);
+		e->q = nq;
+		e->qcap = ncap;
+		e->qhead = 0;
+	}
+	e->q[(e->qhead + e->qlen) % e->qcap] = *m;
+	e->qlen++;
+	pthread_mutex_unlock(&e->q_lock);
+	e->pushed = 1;
+	return 0;
+}
+
+static void forward(uf_engine *e, const struct uf_msg *m)
+{
+	if (m->event == UFFD_EVENT_PAGEFAULT)
+		STAT_ADD(forwarded, 1);
+	if (q_push(e, m) < 0)
+		STAT_ADD(errors, 1); /* cannot happen short of OOM; the fault stays unresolved */
+}
+
+static void report(uf_engine *e, int err, uint64_t addr, int what)
+{
+	struct uf_msg m = { .event = UF_EV_ERROR, .a = (uint64_t)(int64_t)err, .b = addr, .c = (uint64_t)what };
+
+	STAT_ADD(errors, 1);
+	forward(e, &m);
+}
+
+size_t uf_engine_take(uf_engine *e, struct uf_msg *out, size_t max)
+{
+	size_t n = 0;
+
+	pthread_mutex_lock(&e->q_lock);
+	while (n < max && e->qlen) {
+		out[n++] = e->q[e->qhead];
+		e->qhead = (e->qhead + 1) % e->qcap;
+		e->qlen--;
+	}
+	pthread_mutex_unlock(&e->q_lock);
+	return n;
+}
+
+/* ---- rules --------------------------------------------------------------------- */
+
+/* rules are kept sorted by start and never overlap */
+static size_t rules_lower(uf_engine *e, uint64_t addr)
+{
+	size_t lo = 0, hi = e->nrules;
+
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+		if (e->rules[mid].end <= addr)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo; /* first rule with end > addr */
+}
+
+static int rules_reserve(uf_engine *e, size_t extra)
+{
+	if (e->nrules + extra > e->caprules) {
+		size_t ncap = (e->nrules + extra) * 2;
+		struct rule *nr = realloc(e->rules, ncap * sizeof(*nr));
+		if (!nr)
+			return -ENOMEM;
+		e->rules = nr;
+		e->caprules = ncap;
+	}
+	return 0;
+}
+
+/* Remove [start, end) from the rules, splitting partly covered ones.
+ * Caller holds rules_lock. */
+static int rules_punch(uf_engine *e, uint64_t start, uint64_t end)
+{
+	size_t i = rules_lower(e, start);
+
+	if (rules_reserve(e, 1) < 0)
+		return -ENOMEM;
+	while (i < e->nrules && e->rules[i].start < end) {
+		struct rule *r = &e->rules[i];
+		if (r->start < start && r->end > end) { /* split in two */
+			struct rule tail = *r;
+			uint64_t cut = end - r->start;
+			tail.start = end;
+			if (tail.kind != UF_RULE_ZERO) {
+				tail.src += cut;
+				tail.off += cut;
+			}
+			r->end = start;
+			memmove(&e->rules[i + 2], &e->rules[i + 1], (e->nrules - i - 1) * sizeof(*r));
+			e->rules[i + 1] = tail;
+			e->nrules++;
+			return 0;
+		}
+		if (r->start < start) { /* cut the tail */
+			r->end = start;
+			i++;
+			continue;
+		}
+		if (r->end > end) { /* cut the head */
+			uint64_t cut = end - r->start;
+			r->start = end;
+			if (r->kind != UF_RULE_ZERO) {
+				r->src += cut;
+				r->off += cut;
+			}
+			break;
+		}
+		memmove(&e->rules[i], &e->rules[i + 1], (e->nrules - i - 1) * sizeof(*r));
+		e->nrules--;
+	}
+	return 0;
+}
+
+static int rules_insert(uf_engine *e, const struct rule *nr)
+{
+	size_t i;
+	int rc = rules_punch(e, nr->start, nr->end);
+
+	if (rc < 0 || (rc = rules_reserve(e, 1)) < 0)
+		return rc;
+	i = rules_lower(e, nr->start);
+	memmove(&e->rules[i + 1], &e->rules[i], (e->nrules - i) * sizeof(*nr));
+	e->rules[i] = *nr;
+	e->nrules++;
+	return 0;
+}
+
+int uf_rules_add(uf_engine *e, uint64_t start, uint64_t len, int kind, uint64_t src, int fd, uint64_t off,
+		 uint32_t chunk_pages)
+{
+	struct rule r = { .start = start, .end = start + len, .src = src, .off = off, .kind = kind, .fd = fd,
+			  .chunk = chunk_pages ? chunk_pages : 1 };
+	int rc;
+
+	if ((start | len) & (UF_PAGE - 1) || !len || start + len < start)
+		return -EINVAL;
+	if (kind < UF_RULE_ZERO || kind > UF_RULE_FILE)
+		return -EINVAL;
+	pthread_mutex_lock(&e->rules_lock);
+	rc = rules_insert(e, &r);
+	pthread_mutex_unlock(&e->rules_lock);
+	return rc;
+}
+
+int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len)
+{
+	int rc;
+
+	pthread_mutex_lock(&e->rules_lock);
+	rc = rules_punch(e, start, start + len);
+	e->epoch++;
+	pthread_mutex_unlock(&e->rules_lock);
+	return rc;
+}
+
+size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len)
+{
+	size_t i, n = 0;
+
+	pthread_mutex_lock(&e->rules_lock);
+	for (i = rules_lower(e, start); i < e->nrules && e->rules[i].start < start + len; i++)
+		n++;
+	pthread_mutex_unlock(&e->rules_lock);
+	return n;
+}
+
+size_t uf_rules_count(uf_engine *e)
+{
+	size_t n;
+
+	pthread_mutex_lock(&e->rules_lock);
+	n = e->nrules;
+	pthread_mutex_unlock(&e->rules_lock);
+	return n;
+}
+
+int uf_rules_copy(uf_engine *dst, uf_engine *src)
+{
+	int rc = 0;
+	size_t i;
+
+	pthread_mutex_lock(&src->rules_lock);
+	pthread_mutex_lock(&dst->rules_lock);
+	for (i = 0; i < src->nrules && rc == 0; i++)
+		rc = rules_insert(dst, &src->rules[i]);
+	pthread_mutex_unlock(&dst->rules_lock);
+	pthread_mutex_unlock(&src->rules_lock);
+	return rc;
+}
+
+/* Apply a non-cooperative event to the rules.  Called in message order. */
+static void rules_event(uf_engine *e, const struct uf_msg *m)
+{
+	pthread_mutex_lock(&e->rules_lock);
+	switch (m->event) {
+	case UFFD_EVENT_REMOVE: { /* a = start, b = end: the app discarded the data */
+		struct rule z = { .start = m->a, .end = m->b, .kind = UF_RULE_ZERO, .fd = -1, .chunk = 1 };
+		size_t i = rules_lower(e, m->a);
+		/* only where a rule existed: elsewhere Python owns the page */
+		uint64_t s, t;
+		struct rule *cov = NULL;
+		size_t ncov = 0, k;
+		for (k = i; k < e->nrules && e->rules[k].start < m->b; k++)
+			ncov++;
+		if (ncov) {
+			cov = malloc(ncov * sizeof(*cov));
+			if (cov)
+				memcpy(cov, &e->rules[i], ncov * sizeof(*cov));
+		}
+		rules_punch(e, m->a, m->b);
+		for (k = 0; cov && k < ncov; k++) {
+			s = cov[k].start > m->a ? cov[k].start : m->a;
+			t = cov[k].end < m->b ? cov[k].end : m->b;
+			z.start = s;
+			z.end = t;
+			if (s < t)
+				rules_insert(e, &z);
+		}
+		free(cov);
+		break;
+	}
+	case UFFD_EVENT_UNMAP: /* a = start, b = end */
+		rules_punch(e, m->a, m->b);
+		break;
+	case UFFD_EVENT_REMAP: { /* a = from, b = to, c = len */
+		size_t i = rules_lower(e, m->a), k, n = 0;
+		struct rule *mv;
+		for (k = i; k < e->nrules && e->rules[k].start < m->a + m->c; k++)
+			n++;
+		mv = n ? malloc(n * sizeof(*mv)) : NULL;
+		if (mv)
+			memcpy(mv, &e->rules[i], n * sizeof(*mv));
+		rules_punch(e, m->a, m->a + m->c);
+		for (k = 0; mv && k < n; k++) {
+			struct rule r = mv[k];
+			if (r.start < m->a) {
+				if (r.kind != UF_RULE_ZERO) {
+					r.src += m->a - r.start;
+					r.off += m->a - r.start;
+				}
+				r.start = m->a;
+			}
+			if (r.end > m->a + m->c)
+				r.end = m->a + m->c;
+			r.start = r.start - m->a + m->b;
+			r.end = r.end - m->a + m->b;
+			rules_insert(e, &r);
+		}
+		free(mv);
+		break;
+	}
+	default:
+		break;
+	}
+	e->epoch++;
+	pthread_mutex_unlock(&e->rules_lock);
+}
+
+/* ---- ring helpers ---------------------------------------------------------------- */
+
+static struct io_uring_sqe *get_sqe(uf_engine *e)
+{
+	struct io_uring_sqe *sqe = io_uring_get_sqe(&e->ring);
+
+	if (!sqe) {
+		io_uring_submit(&e->ring);
+		sqe = io_uring_get_sqe(&e->ring);
+	}
+	return sqe;
+}
+
+static int arm_read(uf_engine *e)
+{
+	struct io_uring_sqe *sqe;
+
+	if (e->read_armed || e->stopping || e->read_failed)
+		return 0;
+	sqe = get_sqe(e);
+	if (!sqe)
+		return -EBUSY;
+	if (e->multishot) {
+		io_uring_prep_rw(IORING_OP_READ_MULTISHOT, sqe, e->uffd, NULL, 0, 0);
+		sqe->flags |= IOSQE_BUFFER_SELECT;
+		sqe->buf_group = BGID;
+	} else {
+		io_uring_prep_read(sqe, e->uffd, e->rdbuf, BUFMSGS * sizeof(struct uf_msg), 0);
+	}
+	io_uring_sqe_set_data64(sqe, UD(UD_READ, 0));
+	e->read_armed = 1;
+	e->inflight++;
+	STAT_ADD(rearms, 1);
+	return 0;
+}
+
+static void arm_timer(uf_engine *e)
+{
+	struct io_uring_sqe *sqe;
+
+	if (e->timer_armed || e->stopping)
+		return;
+	sqe = get_sqe(e);
+	if (!sqe)
+		return;
+	e->retry_ts.tv_sec = 0;
+	e->retry_ts.tv_nsec = RETRY_NS;
+	io_uring_prep_timeout(sqe, &e->retry_ts, 0, 0);
+	io_uring_sqe_set_data64(sqe, UD(UD_TIMER, 0));
+	e->timer_armed = 1;
+	e->inflight++;
+}
+
+static void arm_stop_poll(uf_engine *e)
+{
+	struct io_uring_sqe *sqe = get_sqe(e);
+
+	io_uring_prep_poll_add(sqe, e->stop_fd, POLLIN);
+	io_uring_sqe_set_data64(sqe, UD(UD_STOP, 0));
+	e->stop_armed = 1;
+	e->inflight++;
+}
+
+static void defer(uf_engine *e, const struct uf_msg *m)
+{
+	if (e->ndeferred == e->capdeferred) {
+		size_t ncap = e->capdeferred ? e->capdeferred * 2 : 64;
+		struct uf_msg *nd = realloc(e->deferred, ncap * sizeof(*nd));
+		if (!nd) {
+			forward(e, m); /* let Python have it rather than lose it */
+			return;
+		}
+		e->deferred = nd;
+		e->capdeferred = ncap;
+	}
+	e->deferred[e->ndeferred++] = *m;
+}
+
+/* ---- fault resolution -------------------------------------------------------------- */
+
+static int lookup(uf_engine *e, uint64_t addr, struct rule *out, uint64_t *epoch)
+{
+	size_t i;
+	int found = 0;
+
+	pthread_mutex_lock(&e->rules_lock);
+	i = rules_lower(e, addr);
+	if (i < e->nrules && e->rules[i].start <= addr) {
+		*out = e->rules[i];
+		found = 1;
+	}
+	*epoch = e->epoch;
+	pthread_mutex_unlock(&e->rules_lock);
+	return found;
+}
+
+/* The outcome of a fill: resolved, deferred (EAGAIN), or failed.  ESRCH (the
+ * target exited) and ENOENT (the mapping is gone) void the fault: nobody is
+ * left waiting on it. */
+static void fill_outcome(uf_engine *e, const struct uf_msg *m, uint64_t addr, int rc, uint64_t done)
+{
+	if (rc == 0 || done >= UF_PAGE) {
+		STAT_ADD(resolved, 1);
+		return;
+	}
+	if (rc == -EAGAIN) {
+		STAT_ADD(eagain, 1);
+		defer(e, m);
+		return;
+	}
+	if (rc == -ESRCH || rc == -ENOENT)
+		return;
+	report(e, rc, addr, UF_FAIL_RESOLVE);
+	forward(e, m);
+}
+
+static void handle_fault(uf_engine *e, const struct uf_msg *m)
+{
+	uint64_t addr = m->b & ~(UF_PAGE - 1), len, done = 0, epoch;
+	struct rule r;
+	int rc;
+
+	if ((m->a & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) || !lookup(e, addr, &r, &epoch)) {
+		forward(e, m);
+		return;
+	}
+	len = (uint64_t)r.chunk * UF_PAGE;
+	if (len > r.end - addr)
+		len = r.end - addr;
+
+	switch (r.kind) {
+	case UF_RULE_ZERO:
+		rc = uf_zeropage_all(e->uffd, addr, len, 0, &done);
+		fill_outcome(e, m, addr, rc, done);
+		return;
+	case UF_RULE_BUFFER:
+		rc = uf_copy_all(e->uffd, addr, r.src + (addr - r.start), len, 0, &done);
+		fill_outcome(e, m, addr, rc, done);
+		return;
+	case UF_RULE_FILE: {
+		struct io_uring_sqe *sqe;
+		int i;
+		for (i = 0; i < NSLOTS && e->slots[i].used; i++)
+			;
+		if (i == NSLOTS || e->stopping) {
+			defer(e, m);
+			return;
+		}
+		struct slot *s = &e->slots[i];
+		if (s->bufsz < len) {
+			void *nb;
+			if (posix_memalign(&nb, UF_PAGE, len)) {
+				defer(e, m);
+				return;
+			}
+			free(s->buf);
+			s->buf = nb;
+			s->bufsz = len;
+		}
+		sqe = get_sqe(e);
+		if (!sqe) {
+			defer(e, m);
+			return;
+		}
+		s->used = 1;
+		s->msg = *m;
+		s->dst = addr;
+		s->len = len;
+		s->epoch = epoch;
+		io_uring_prep_read(sqe, r.fd, s->buf, (unsigned)len, r.off + (addr - r.start));
+		io_uring_sqe_set_data64(sqe, UD(UD_FILE, i));
+		e->inflight++;
+		STAT_ADD(file_reads, 1);
+		return;
+	}
+	}
+	forward(e, m);
+}
+
+static void file_done(uf_engine *e, unsigned i, int res)
+{
+	struct slot *s = &e->slots[i];
+	struct uf_msg m = s->msg;
+	uint64_t done = 0;
+	int rc;
+
+	s->used = 0;
+	if (res < 0) {
+		report(e, res, s->dst, UF_FAIL_FILE);
+		forward(e, &m);
+		return;
+	}
+	if ((uint64_t)res < s->len) /* past the end of the file: zeros, as documented */
+		memset((char *)s->buf + res, 0, s->len - (uint64_t)res);
+	pthread_mutex_lock(&e->rules_lock);
+	rc = (s->epoch != e->epoch);
+	pthread_mutex_unlock(&e->rules_lock);
+	if (rc) { /* an event changed the rules while the read was in flight: decide again */
+		handle_fault(e, &m);
+		return;
+	}
+	rc = uf_copy_all(e->uffd, s->dst, (uint64_t)(uintptr_t)s->buf, s->len, 0, &done);
+	fill_outcome(e, &m, s->dst, rc, done);
+}
+
+static void handle_msgs(uf_engine *e, const struct uf_msg *msgs, size_t n)
+{
+	size_t i;
+
+	STAT_ADD(msgs, n);
+	STAT_ADD(batches, 1);
+	for (i = 0; i < n; i++) {
+		const struct uf_msg *m = &msgs[i];
+		if (m->event == UFFD_EVENT_PAGEFAULT) {
+			STAT_ADD(faults, 1);
+			handle_fault(e, m);
+		} else {
+			STAT_ADD(events, 1);
+			rules_event(e, m);
+			forward(e, m);
+		}
+	}
+}
+
+static void retry_deferred(uf_engine *e)
+{
+	size_t n = e->ndeferred, i;
+	struct uf_msg *d;
+
+	if (!n)
+		return;
+	d = e->deferred;
+	e->deferred = NULL;
+	e->ndeferred = e->capdeferred = 0;
+	for (i = 0; i < n; i++)
+		handle_fault(e, &d[i]);
+	free(d);
+}
+
+/* ---- completion processing ----------------------------------------------------------- */
+
+static void on_read(uf_engine *e, struct io_uring_cqe *cqe)
+{
+	int more = e->multishot && (cqe->flags & IORING_CQE_F_MORE);
+
+	if (cqe->res > 0) {
+		if (e->multishot) {
+			unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
+			char *b = e->bufs + (size_t)bid * BUFMSGS * sizeof(struct uf_msg);
+			handle_msgs(e, (struct uf_msg *)b, (size_t)cqe->res / sizeof(struct uf_msg));
+			io_uring_buf_ring_add(e->br, b, BUFMSGS * sizeof(struct uf_msg), bid,
+					      io_uring_buf_ring_mask(NBUFS), 0);
+			io_uring_buf_ring_advance(e->br, 1);
+		} else {
+			handle_msgs(e, (struct uf_msg *)e->rdbuf, (size_t)cqe->res / sizeof(struct uf_msg));
+		}
+	} else if (cqe->res == -EINVAL && e->multishot && !more) {
+		e->multishot = 0; /* kernel without READ_MULTISHOT: re-armed single reads */
+		__atomic_store_n(&e->st.multishot, 0, __ATOMIC_RELAXED);
+	} else if (cqe->res < 0 && cqe->res != -EAGAIN && cqe->res != -EINTR && cqe->res != -ENOBUFS &&
+		   cqe->res != -ECANCELED) {
+		e->read_failed = 1;
+		report(e, cqe->res, 0, UF_FAIL_READ);
+	}
+	if (!more) {
+		e->read_armed = 0;
+		e->inflight--;
+		arm_read(e);
+	}
+}
+
+static void begin_stop(uf_engine *e)
+{
+	struct io_uring_sqe *sqe;
+
+	if (e->stopping)
+		return;
+	e->stopping = 1;
+	sqe = get_sqe(e);
+	if (sqe) {
+		io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL);
+		io_uring_sqe_set_data64(sqe, UD(UD_CANCEL, 0));
+		e->inflight++;
+	}
+}
+
+static void process_cqes(uf_engine *e)
+{
+	struct io_uring_cqe *cqe;
+
+	while (io_uring_peek_cqe(&e->ring, &cqe) == 0) {
+		uint64_t ud = io_uring_cqe_get_data64(cqe);
+		switch (UD_KIND(ud)) {
+		case UD_READ:
+			on_read(e, cqe);
+			break;
+		case UD_FILE:
+			e->inflight--;
+			file_done(e, (unsigned)UD_IDX(ud), cqe->res);
+			break;
+		case UD_TIMER:
+			e->inflight--;
+			e->timer_armed = 0;
+			break;
+		case UD_STOP:
+			e->inflight--;
+			e->stop_armed = 0;
+			begin_stop(e);
+			break;
+		case UD_CANCEL:
+			e->inflight--;
+			break;
+		}
+		io_uring_cqe_seen(&e->ring, cqe);
+	}
+	if (!e->stopping) {
+		retry_deferred(e);
+		if (e->ndeferred)
+			arm_timer(e);
+	}
+	__atomic_store_n(&e->st.deferred_now, e->ndeferred, __ATOMIC_RELAXED);
+	__atomic_store_n(&e->st.inflight, e->inflight, __ATOMIC_RELAXED);
+}
+
+static void notify_python(uf_engine *e)
+{
+	if (e->pushed) {
+		uint64_t one = 1;
+		e->pushed = 0;
+		if (write(e->notify_fd, &one, sizeof(one)) < 0) {
+			/* the counter cannot overflow in practice; EAGAIN means already signalled */
+		}
+	}
+}
+
+static void *engine_thread(void *arg)
+{
+	uf_engine *e = arg;
+
+	while (!(e->stopping && e->inflight == 0)) {
+		int r = io_uring_submit_and_wait(&e->ring, 1);
+		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {
+			report(e, r, 0, UF_FAIL_READ);
+			notify_python(e);
+			break;
+		}
+		process_cqes(e);
+		notify_python(e);
+	}
+	io_uring_submit(&e->ring);
+	return NULL;
+}
+
+/* ---- lifecycle -------------------------------------------------------------------- */
+
+uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int *err)
+{
+	uf_engine *e = calloc(1, sizeof(*e));
+	int rc;
+
+	*err = 0;
+	if (!e) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	e->uffd = uffd;
+	e->flags = (int)flags;
+	e->stop_fd = e->notify_fd = -1;
+	pthread_mutex_init(&e->rules_lock, NULL);
+	pthread_mutex_init(&e->q_lock, NULL);
+	rc = io_uring_queue_init(entries ? entries : 256, &e->ring, 0);
+	if (rc < 0)
+		goto fail;
+	e->ring_ok = 1;
+	e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	e->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (e->notify_fd < 0 || e->stop_fd < 0) {
+		rc = -errno;
+		goto fail;
+	}
+	e->rdbuf = aligned_alloc(UF_PAGE, BUFMSGS * sizeof(struct uf_msg));
+	if (!e->rdbuf) {
+		rc = -ENOMEM;
+		goto fail;
+	}
+	if (!(flags & UF_ENGINE_NO_MULTISHOT)) {
+		struct io_uring_buf_reg reg = { 0 };
+		size_t i;
+		e->br_size = (NBUFS * sizeof(struct io_uring_buf) + UF_PAGE - 1) & ~(UF_PAGE - 1);
+		e->br = mmap(NULL, e->br_size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
+		e->bufs = aligned_alloc(UF_PAGE, NBUFS * BUFMSGS * sizeof(struct uf_msg));
+		if (e->br != MAP_FAILED && e->bufs) {
+			io_uring_buf_ring_init(e->br);
+			reg.ring_addr = (uint64_t)(uintptr_t)e->br;
+			reg.ring_entries = NBUFS;
+			reg.bgid = BGID;
+			if (io_uring_register_buf_ring(&e->ring, &reg, 0) == 0) {
+				for (i = 0; i < NBUFS; i++)
+					io_uring_buf_ring_add(e->br, e->bufs + i * BUFMSGS * sizeof(struct uf_msg),
+							      BUFMSGS * sizeof(struct uf_msg), (unsigned short)i,
+							      io_uring_buf_ring_mask(NBUFS), (int)i);
+				io_uring_buf_ring_advance(e->br, NBUFS);
+				e->multishot = 1;
+			}
+		}
+		if (e->br == MAP_FAILED)
+			e->br = NULL;
+	}
+	e->st.multishot = (uint64_t)e->multishot;
+	e->st.thread = !!(flags & UF_ENGINE_THREAD);
+	if (!(flags & UF_ENGINE_THREAD)) {
+		rc = io_uring_register_eventfd(&e->ring, e->notify_fd);
+		if (rc < 0)
+			goto fail;
+	}
+	return e;
+fail:
+	*err = rc;
+	uf_engine_free(e);
+	return NULL;
+}
+
+int uf_engine_notify_fd(uf_engine *e)
+{
+	return e->notify_fd;
+}
+
+int uf_engine_start(uf_engine *e)
+{
+	int rc;
+
+	if (e->started)
+		return -EALREADY;
+	e->started = 1;
+	rc = arm_read(e);
+	if (rc < 0)
+		return rc;
+	if (e->flags & UF_ENGINE_THREAD) {
+		arm_stop_poll(e);
+		rc = pthread_create(&e->thr, NULL, engine_thread, e);
+		if (rc)
+			return -rc;
+		e->thread_started = 1;
+		return 0;
+	}
+	rc = io_uring_submit(&e->ring);
+	return rc < 0 ? rc : 0;
+}
+
+/* Inline mode: process whatever has completed, without blocking. */
+int uf_engine_poll(uf_engine *e)
+{
+	int rc;
+
+	if (e->flags & UF_ENGINE_THREAD)
+		return 0;
+	process_cqes(e);
+	rc = io_uring_submit(&e->ring);
+	e->pushed = 0;
+	return rc < 0 ? rc : 0;
+}
+
+int uf_engine_stop(uf_engine *e)
+{
+	if (!e->started)
+		return 0;
+	if (e->thread_started) {
+		uint64_t one = 1;
+		if (write(e->stop_fd, &one, sizeof(one)) < 0)
+			return -errno;
+		pthread_join(e->thr, NULL);
+		e->thread_started = 0;
+	} else {
+		begin_stop(e);
+		while (e->inflight) {
+			struct io_uring_cqe *cqe;
+			int r = io_uring_submit_and_wait(&e->ring, 1);
+			if (r < 0 && r != -EINTR && r != -EAGAIN)
+				break;
+			(void)cqe;
+			process_cqes(e);
+		}
+	}
+	e->started = 0;
+	return e->inflight ? -EBUSY : 0;
+}
+
+void uf_engine_get_stats(uf_engine *e, struct uf_engine_stats *out)
+{
+	uint64_t *dst = (uint64_t *)out, *src = (uint64_t *)&e->st;
+	size_t i;
+
+	for (i = 0; i < sizeof(*out) / sizeof(uint64_t); i++)
+		dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
+}
+
+void uf_engine_free(uf_engine *e)
+{
+	int i;
+
+	if (!e)
+		return;
+	if (e->started)
+		uf_engine_stop(e);
+	if (e->ring_ok)
+		io_uring_queue_exit(&e->ring);
+	if (e->br)
+		munmap(e->br, e->br_size);
+	free(e->bufs);
+	free(e->rdbuf);
+	for (i = 0; i < NSLOTS; i++)
+		free(e->slots[i].buf);
+	free(e->rules);
+	free(e->deferred);
+	free(e->q);
+	if (e->notify_fd >= 0)
+		close(e->notify_fd);
+	if (e->stop_fd >= 0)
+		close(e->stop_fd);
+	pthread_mutex_destroy(&e->rules_lock);
+	pthread_mutex_destroy(&e->q_lock);
+	free(e);
+}

@@ -1,0 +1,138 @@
+/*
+ * uffdio.h - the C core of uffdio.
+ *
+ * This header is also the cffi cdef: csrc/build_native.py feeds it to cffi
+ * with the preprocessor lines removed, so it must stay plain C declarations
+ * (fixed-size integer types, opaque structs, enums; no macros in the body).
+ *
+ * Conventions (as in the kernel selftests and liburing): one function per
+ * kernel operation, no policy inside; every function returns 0 or a
+ * non-negative count on success and -errno on failure.  Address ranges are
+ * passed as flat uint64_t arrays of (start, length) pairs so that Python can
+ * hand over many ranges in one call without building per-range objects.
+ */
+#ifndef UFFDIO_H
+#define UFFDIO_H
+#include <stdint.h>
+#include <stddef.h>
+
+/* ---- records handed to Python ------------------------------------------------
+ * Exactly the kernel's 32-byte struct uffd_msg layout, plus synthetic events
+ * (>= 0xF0) that the engine emits itself.  a/b/c are the three u64 words at
+ * offsets 8, 16, 24 of the kernel message. */
+struct uf_msg {
+	uint8_t event;
+	uint8_t reserved1;
+	uint16_t reserved2;
+	uint32_t reserved3;
+	uint64_t a;
+	uint64_t b;
+	uint64_t c;
+};
+
+enum {
+	UF_OPEN_USER_MODE_ONLY = 1, /* add UFFD_USER_MODE_ONLY */
+	UF_OPEN_SYSCALL_ONLY = 2,   /* do not fall back to /dev/userfaultfd */
+	UF_OPEN_DEVNODE_ONLY = 4,   /* only /dev/userfaultfd */
+	UF_OPEN_BLOCKING = 8        /* omit O_NONBLOCK (tests of the EINTR pitfall) */
+};
+
+/* ---- userfaultfd: one function per ioctl ------------------------------------- */
+int uf_open(int flags, int *via_devnode);
+int uf_api(int fd, uint64_t features, uint64_t *features_out, uint64_t *ioctls_out);
+int uf_probe(int flags, uint64_t *features_out, uint64_t *ioctls_out);
+int uf_register(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *ioctls_out);
+int uf_unregister(int fd, uint64_t start, uint64_t len);
+int uf_wake(int fd, uint64_t start, uint64_t len);
+int uf_copy(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *copied);
+int uf_zeropage(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *zeroed);
+int uf_continue(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *mapped);
+int uf_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int64_t *moved);
+int uf_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
+int uf_writeprotect(int fd, const uint64_t *ranges, size_t nranges, uint64_t mode, size_t *done);
+int64_t uf_read_msgs(int fd, struct uf_msg *out, size_t max);
+
+/* Resolution helpers used by both Python and the engine.  They finish a
+ * multi-page operation across partial progress and pages that are already
+ * mapped (EEXIST: the page is resolved; the range is woken so no thread is
+ * left waiting).  On -EAGAIN (events pending) *done says how far they got. */
+int uf_copy_all(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, uint64_t *done);
+int uf_zeropage_all(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done);
+
+/* ---- other processes ----------------------------------------------------------- */
+int64_t uf_process_vm_readv(int pid, const uint64_t *local, size_t nlocal, const uint64_t *remote, size_t nremote);
+int64_t uf_process_vm_writev(int pid, const uint64_t *local, size_t nlocal, const uint64_t *remote, size_t nremote);
+int64_t uf_process_madvise(int pidfd, const uint64_t *ranges, size_t nranges, int advice);
+int uf_pidfd_open(int pid, unsigned int flags);
+int uf_pidfd_getfd(int pidfd, int targetfd);
+int uf_send_fd(int sock, int fd, const void *data, size_t len);
+int uf_recv_fd(int sock, int *fd_out, void *data, size_t len);
+
+struct uf_scan {
+	uint64_t start, end, flags, max_pages;
+	uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+	uint64_t walk_end; /* out */
+};
+/* regions_out: triples (start, end, categories); returns the number of regions */
+int64_t uf_pagemap_scan(int pagemap_fd, struct uf_scan *scan, uint64_t *regions_out, size_t max_regions);
+
+/* ---- the engine: io_uring ring + C resolver ------------------------------------ */
+typedef struct uf_engine uf_engine;
+
+enum {
+	UF_ENGINE_NO_MULTISHOT = 1, /* use a re-armed IORING_OP_READ even if multishot works */
+	UF_ENGINE_THREAD = 2        /* a C thread waits on the ring (see engine.c) */
+};
+enum {
+	UF_RULE_ZERO = 1,   /* UFFDIO_ZEROPAGE */
+	UF_RULE_BUFFER = 2, /* UFFDIO_COPY from manager memory at src + (addr - start) */
+	UF_RULE_FILE = 3    /* read fd at off + (addr - start) through the ring, then COPY */
+};
+enum {
+	UF_EV_ERROR = 0xF0 /* a = -errno, b = address, c = what failed (UF_FAIL_*) */
+};
+enum {
+	UF_FAIL_READ = 1,   /* reading the uffd failed; the engine stopped reading */
+	UF_FAIL_RESOLVE = 2,/* a resolver copy/zeropage failed; the fault was NOT resolved */
+	UF_FAIL_FILE = 3    /* a snapshot-file read failed; the fault was NOT resolved */
+};
+
+struct uf_engine_stats {
+	uint64_t msgs, faults, resolved, forwarded, events;
+	uint64_t eexist, eagain, errors, file_reads, batches, rearms, deferred_now, inflight;
+	uint64_t multishot, thread;
+};
+
+uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int *err);
+int uf_engine_notify_fd(uf_engine *e);
+int uf_engine_start(uf_engine *e);
+int uf_engine_poll(uf_engine *e);
+size_t uf_engine_take(uf_engine *e, struct uf_msg *out, size_t max);
+int uf_engine_stop(uf_engine *e);
+void uf_engine_free(uf_engine *e);
+void uf_engine_get_stats(uf_engine *e, struct uf_engine_stats *out);
+
+int uf_rules_add(uf_engine *e, uint64_t start, uint64_t len, int kind, uint64_t src, int fd, uint64_t off, uint32_t chunk_pages);
+int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len);
+size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len);
+int uf_rules_copy(uf_engine *dst, uf_engine *src);
+size_t uf_rules_count(uf_engine *e);
+
+/* ---- the floor: the simplest correct handler, for benchmarks ------------------- */
+typedef struct uf_floor uf_floor;
+uf_floor *uf_floor_start(int uffd, uint64_t src_page, int cpu, int *err);
+int64_t uf_floor_stop(uf_floor *f);
+
+/* ---- target-side helpers (run in a managed process: tests, demo, bench) -------- */
+int uf_set_cpu(int cpu);
+int64_t uf_touch(uint64_t addr, uint64_t npages, uint64_t stride, int write, uint64_t *lat_ns_out);
+void uf_fill(uint64_t addr, uint64_t len, uint64_t seed);
+int64_t uf_check(uint64_t addr, uint64_t len, uint64_t seed);
+int64_t uf_threads_check(uint64_t addr, uint64_t len, uint64_t seed, int nthreads);
+int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed);
+uint64_t uf_mmap_anon(uint64_t len);
+uint64_t uf_mremap(uint64_t old, uint64_t oldlen, uint64_t newlen);
+int uf_madvise(uint64_t addr, uint64_t len, int advice);
+int uf_munmap(uint64_t addr, uint64_t len);
+
+#endif /* UFFDIO_H */
