@@ -80,8 +80,7 @@ int64_t uf_pagemap_scan(int pagemap_fd, struct uf_scan *scan, uint64_t *regions_
 typedef struct uf_engine uf_engine;
 
 enum {
-	UF_ENGINE_NO_MULTISHOT = 1, /* use a re-armed IORING_OP_READ even if multishot works */
-	UF_ENGINE_THREAD = 2        /* a C thread waits on the ring (see engine.c) */
+	UF_ENGINE_NO_MULTISHOT = 1  /* use a re-armed IORING_OP_READ even if multishot works */
 };
 enum {
 	UF_RULE_ZERO = 1,   /* UFFDIO_ZEROPAGE */
@@ -105,7 +104,7 @@ struct uf_engine_stats {
 
 uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int *err);
 int uf_engine_notify_fd(uf_engine *e);
-int uf_engine_start(uf_engine *e);
+int uf_engine_start(uf_engine *e, int thread);
 int uf_engine_poll(uf_engine *e);
 size_t uf_engine_take(uf_engine *e, struct uf_msg *out, size_t max);
 int uf_engine_stop(uf_engine *e);

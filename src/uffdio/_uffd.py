@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import math
 import os
 import socket
@@ -276,7 +278,9 @@ class Userfaultfd:
         self.user_mode_only = user_mode_only
         self._ranges: dict[int, tuple[int, Mode]] = {}
         self._engine: CData | None = None
-        self._engine_flags = 0
+        self._thread_mode = False
+        self._thread_mode_hint: bool | None = None
+        self._pending: FaultBatch | None = None
         self._serving = False
         self.resolver = Resolver(self)
         self._fault_handler: FaultHandler | None = None
@@ -573,7 +577,7 @@ class Userfaultfd:
                 # Events are pending: let the engine read them.  In inline mode the engine
                 # runs in this thread, so poll it here (a handler may be awaited by the
                 # dispatcher itself); in thread mode its thread is already reading.
-                if self._engine is not None and not self._engine_flags & C.ENGINE_THREAD:
+                if self._engine is not None and self._serving and not self._thread_mode:
                     lib.uf_engine_poll(self._engine)
                 await anyio.sleep(delay)
                 delay = min(max(delay * 2, 50e-6), 2e-3)
@@ -646,15 +650,13 @@ class Userfaultfd:
 
     # ---- engine and loop --------------------------------------------------------------------
 
-    def _engine_handle(self, thread: bool = True) -> CData:
+    def _engine_handle(self) -> CData:
         if self._engine is None:
             err = ffi.new("int *")
-            flags = C.ENGINE_THREAD if thread else 0
-            e = lib.uf_engine_new(self.fileno(), 256, flags, err)
+            e = lib.uf_engine_new(self.fileno(), 256, 0, err)
             if e == ffi.NULL:
                 check(err[0], "io_uring", "setting up the engine's ring")
             self._engine = e
-            self._engine_flags = flags
         return self._engine
 
     def statistics(self) -> dict[str, int]:
@@ -673,28 +675,27 @@ class Userfaultfd:
                     task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Read fault messages through the ring and dispatch them until cancelled.
 
-        ``thread``: True runs the engine on a C thread (rules resolve with no wake-up of the
-        event loop; the default); False runs it inline on the event loop (one wake-up fewer for
-        faults that go to Python).  The engine's mode is fixed when it is first used: rules
-        added before ``serve`` create it in thread mode unless ``serve(thread=False)`` (or
-        :meth:`engine`) came first.
+        ``thread``: True runs the engine on a C thread: faults that resolver rules cover are
+        served without waking the event loop (about the cost of a bare C handler), faults for
+        Python cost one extra wake-up.  False runs the engine inline on the event loop: faults
+        for Python are cheapest (about 2x a bare C handler on one CPU), rule faults pay for an
+        event-loop iteration.  None (default) picks the thread when the resolver has rules.
 
         On exit (cancellation or error) the ring's requests are cancelled and every completion
         is waited for before this returns: nothing stays in the kernel's hands.
         """
         if self._serving:
             raise RuntimeError("serve() is already running for this uffd")
-        if self._engine is not None and thread is not None and \
-                bool(self._engine_flags & C.ENGINE_THREAD) != thread:
-            raise RuntimeError("the engine already exists in the other mode; pass the same "
-                               "thread= as before (or none)")
-        e = self._engine_handle(True if thread is None else thread)
-        check(lib.uf_engine_start(e), "io_uring", "starting the engine")
+        e = self._engine_handle()
+        if thread is None:
+            thread = lib.uf_rules_count(e) > 0
+        check(lib.uf_engine_start(e, int(thread)), "io_uring", "starting the engine")
+        self._thread_mode = thread
         self._serving = True
         nfd = lib.uf_engine_notify_fd(e)
         buf = ffi.new("struct uf_msg[]", TAKE_MAX)
         raw = ffi.buffer(buf)
-        inline = not self._engine_flags & C.ENGINE_THREAD
+        inline = not thread
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -716,12 +717,31 @@ class Userfaultfd:
                             lib.uf_engine_poll(e)
         finally:
             self._serving = False
+            pending, self._pending = self._pending, None
+            if pending is not None:
+                # A batch whose handler did not finish: wake its threads.  A woken thread
+                # whose page is still missing faults again, and that message waits in the
+                # uffd for the next server; a resolved page just continues.
+                for a in pending.addresses:
+                    lib.uf_wake(self._fd, a & ~(C.PAGE_SIZE - 1), C.PAGE_SIZE)
             with anyio.CancelScope(shield=True):
                 # Cancelling a poll-armed read completes at once; file reads finish quickly.
                 # uf_engine_stop waits for every completion (GIL released by cffi).
                 rc = lib.uf_engine_stop(e)
                 if rc < 0:
                     raise error_for(-rc, "io_uring", "stopping the engine")
+
+    @contextlib.asynccontextmanager
+    async def serving(self, *, thread: bool | None = None) -> AsyncIterator[Userfaultfd]:
+        """``async with uffd.serving():`` serves faults for the duration of the block; on exit
+        the engine is stopped and nothing is left running.  An error of the serving task
+        (e.g. :class:`UnhandledFault`) propagates out of the block."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(self.serve, thread=thread))
+            try:
+                yield self
+            finally:
+                tg.cancel_scope.cancel()
 
     async def _dispatch(self, words: memoryview, n: int, tg: anyio.abc.TaskGroup) -> None:
         batch: FaultBatch | None = None
@@ -747,12 +767,14 @@ class Userfaultfd:
     async def _deliver_faults(self, batch: FaultBatch) -> None:
         self._stats_py["batches_py"] += 1
         self._stats_py["faults_py"] += len(batch)
+        self._pending = batch
         if self._fault_handler is None:
             raise UnhandledFault(
                 f"{len(batch)} fault(s) (first at {batch.addresses[0]:#x}) reached Python but no "
                 "handler is installed: add a resolver rule or an on_fault handler. The faulting "
-                "threads stay blocked (no data is lost).")
+                "threads were woken to fault again and wait for the next server (no data is lost).")
         await self._fault_handler(batch)
+        self._pending = None
 
     async def _deliver_event(self, ev: int, a: int, b: int, c: int,
                              tg: anyio.abc.TaskGroup) -> None:
@@ -762,10 +784,11 @@ class Userfaultfd:
             child = Userfaultfd.from_fd(a & 0xFFFFFFFF, int(self.features))
             child._fault_handler = self._fault_handler
             child._event_handlers = {k: list(v) for k, v in self._event_handlers.items()}
-            ce = child._engine_handle(bool(self._engine_flags & C.ENGINE_THREAD))
+            ce = child._engine_handle()
             if self._engine is not None:
                 check(lib.uf_rules_copy(ce, self._engine), "resolver.copy")
             child.resolver._keep = self.resolver._keep
+            child._thread_mode_hint = self._thread_mode
             self._children.append(child)
             event = ForkEvent(self, child)
             await tg.start(child._serve_child)
@@ -792,8 +815,7 @@ class Userfaultfd:
             raise event.error
 
     async def _serve_child(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        await self.serve(thread=bool(self._engine_flags & C.ENGINE_THREAD),
-                         task_status=task_status)
+        await self.serve(thread=self._thread_mode_hint, task_status=task_status)
 
     @property
     def children(self) -> list[Userfaultfd]:
