@@ -64,12 +64,19 @@ int64_t uf_touch(uint64_t addr, uint64_t npages, uint64_t stride, int write, uin
 	return (int64_t)(sum & 0x7fffffffffffffffULL);
 }
 
-void uf_fill(uint64_t addr, uint64_t len, uint64_t seed)
+/* Fill buf with the pattern that memory at as_addr has under seed: the manager
+ * builds the content a target page must end up with. */
+void uf_pattern(uint64_t buf, uint64_t len, uint64_t seed, uint64_t as_addr)
 {
-	uint64_t *w = (uint64_t *)(uintptr_t)addr, i;
+	uint64_t *w = (uint64_t *)(uintptr_t)buf, i;
 
 	for (i = 0; i < len / 8; i++)
-		w[i] = pattern(addr + i * 8, seed);
+		w[i] = pattern(as_addr + i * 8, seed);
+}
+
+void uf_fill(uint64_t addr, uint64_t len, uint64_t seed)
+{
+	uf_pattern(addr, len, seed, addr);
 }
 
 /* Returns the number of bad 8-byte words (0 = every byte as written). */

@@ -126,6 +126,7 @@ int64_t uf_floor_stop(uf_floor *f);
 int uf_set_cpu(int cpu);
 int64_t uf_touch(uint64_t addr, uint64_t npages, uint64_t stride, int write, uint64_t *lat_ns_out);
 void uf_fill(uint64_t addr, uint64_t len, uint64_t seed);
+void uf_pattern(uint64_t buf, uint64_t len, uint64_t seed, uint64_t as_addr);
 int64_t uf_check(uint64_t addr, uint64_t len, uint64_t seed);
 int64_t uf_threads_check(uint64_t addr, uint64_t len, uint64_t seed, int nthreads);
 int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed);

@@ -1,0 +1,60 @@
+"""Shared fixtures: real target processes, real uffds, real rings.  No kernel mocks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+
+import uffdio
+from uffdio._target import Target
+
+PAGE = uffdio.PAGE_SIZE
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    skip_root = pytest.mark.skip(reason="needs root")
+    skip_slow = pytest.mark.skip(reason="UFFDIO_SKIP_SLOW=1")
+    for item in items:
+        if "root" in item.keywords and os.geteuid() != 0:
+            item.add_marker(skip_root)
+        if "slow" in item.keywords and os.environ.get("UFFDIO_SKIP_SLOW") == "1":
+            item.add_marker(skip_slow)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.fixture
+def target() -> Iterator[Target]:
+    """A separate process (python -m uffdio._target) whose memory the test serves."""
+    t = Target()
+    try:
+        yield t
+    finally:
+        t.close()
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def managed(t: Target, npages: int, features: int = 0, mode: int = uffdio.Mode.MISSING,
+            optional: int = 0) -> tuple[int, uffdio.Userfaultfd]:
+    """Map ``npages`` in the target, create a uffd there, register the region, receive the uffd."""
+    [addr] = t.cmd("map", npages * PAGE)
+    u = t.open_uffd(features, optional)
+    t.cmd("register", addr, npages * PAGE, int(mode))
+    return addr, u
+
+
+def pattern(as_addr: int, length: int, seed: int) -> bytearray:
+    """The bytes that target memory at ``as_addr`` holds after ``fill as_addr length seed``."""
+    from uffdio._lib import ffi, lib
+
+    buf = bytearray(length)
+    lib.uf_pattern(int(ffi.cast("uintptr_t", ffi.from_buffer(buf))), length, seed, as_addr)
+    return buf
