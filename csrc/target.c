@@ -157,6 +157,32 @@ uint64_t uf_mmap_anon(uint64_t len)
 	return (uint64_t)(uintptr_t)p;
 }
 
+/* A memfd mapped twice (MAP_SHARED): the first mapping is for registration
+ * (MINOR faults, CONTINUE), the alias populates the page cache behind it. */
+uint64_t uf_mmap_shared_pair(uint64_t len, uint64_t *alias_out)
+{
+	int fd = memfd_create("uffdio-shm", MFD_CLOEXEC);
+	void *a, *b;
+
+	if (fd < 0 || ftruncate(fd, (off_t)len) < 0)
+		goto fail;
+	a = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (a == MAP_FAILED)
+		goto fail;
+	b = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (b == MAP_FAILED) {
+		munmap(a, len);
+		goto fail;
+	}
+	close(fd);
+	*alias_out = (uint64_t)(uintptr_t)b;
+	return (uint64_t)(uintptr_t)a;
+fail:
+	if (fd >= 0)
+		close(fd);
+	return 0;
+}
+
 uint64_t uf_mremap(uint64_t old, uint64_t oldlen, uint64_t newlen)
 {
 	void *p = mremap((void *)(uintptr_t)old, oldlen, newlen, MREMAP_MAYMOVE);

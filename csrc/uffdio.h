@@ -131,6 +131,7 @@ int64_t uf_check(uint64_t addr, uint64_t len, uint64_t seed);
 int64_t uf_threads_check(uint64_t addr, uint64_t len, uint64_t seed, int nthreads);
 int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed);
 uint64_t uf_mmap_anon(uint64_t len);
+uint64_t uf_mmap_shared_pair(uint64_t len, uint64_t *alias_out);
 uint64_t uf_mremap(uint64_t old, uint64_t oldlen, uint64_t newlen);
 int uf_madvise(uint64_t addr, uint64_t len, int advice);
 int uf_munmap(uint64_t addr, uint64_t len);

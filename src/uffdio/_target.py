@@ -4,7 +4,8 @@
 stdin, one reply per line on stdout) whose commands call the C helpers of csrc/target.c:
 map memory, create a uffd and send it to the manager over fd 3 (SCM_RIGHTS), write and
 check content patterns, touch pages with per-touch latency, fork, run threads, mremap,
-madvise, munmap.  :class:`Target` is the manager side.
+madvise, munmap, and map a shared memfd twice (MINOR faults).  :class:`Target` is the
+manager side.
 """
 
 from __future__ import annotations
@@ -38,8 +39,14 @@ def _serve_commands() -> int:  # runs in the target process
             if cmd == "map":
                 addr = lib.uf_mmap_anon(args[0])
                 if not addr:
-                    raise OSError(ffi.errno if hasattr(ffi, "errno") else 12, "mmap failed")
+                    raise OSError("mmap failed")
                 reply = [addr]
+            elif cmd == "shm":
+                alias = ffi.new("uint64_t *")
+                addr = lib.uf_mmap_shared_pair(args[0], alias)
+                if not addr:
+                    raise OSError("memfd/mmap failed")
+                reply = [addr, alias[0]]
             elif cmd == "uffd":
                 u = Userfaultfd.open(args[0], optional=args[1] if len(args) > 1 else 0)
                 uffds.append(u)

@@ -1,0 +1,36 @@
+"""The ``uffdio`` command line (also ``python -m uffdio``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="uffdio",
+        description="Manage the memory of running processes from user space with userfaultfd.",
+    )
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    from . import bench, doctor
+
+    doctor.add_parser(sub)
+    bench.add_parser(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:  # uffdio's errors name the cause and the fix
+        print(f"uffdio {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
