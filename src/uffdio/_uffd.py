@@ -278,6 +278,12 @@ class Userfaultfd:
         self.user_mode_only = user_mode_only
         self._ranges: dict[int, tuple[int, Mode]] = {}
         self._engine: CData | None = None
+        #: read fault messages with IORING_OP_READ_MULTISHOT when the kernel has it (6.7+);
+        #: False forces the re-armed single READ used on older kernels.  Set before the
+        #: engine exists (before the first rule or serve()).
+        self.multishot = True
+        #: io_uring submission queue entries of the engine's ring
+        self.ring_entries = 256
         self._thread_mode = False
         self._thread_mode_hint: bool | None = None
         self._pending: FaultBatch | None = None
@@ -626,8 +632,15 @@ class Userfaultfd:
         self._fault_handler = handler
         return handler
 
-    def on_event(self, kind: Event, handler: EventHandler) -> EventHandler:
-        """Add a coroutine for FORK, REMAP, REMOVE, UNMAP or ERROR events."""
+    def on_event(self, kind: Event, handler: EventHandler | None = None) -> Any:
+        """Add a coroutine for FORK, REMAP, REMOVE, UNMAP or ERROR events.  Without
+        ``handler`` it is a decorator: ``@uffd.on_event(Event.REMOVE)``."""
+        if handler is None:
+            def deco(h: EventHandler) -> EventHandler:
+                self._event_handlers.setdefault(Event(kind), []).append(h)
+                return h
+
+            return deco
         self._event_handlers.setdefault(Event(kind), []).append(handler)
         return handler
 
@@ -653,7 +666,8 @@ class Userfaultfd:
     def _engine_handle(self) -> CData:
         if self._engine is None:
             err = ffi.new("int *")
-            e = lib.uf_engine_new(self.fileno(), 256, 0, err)
+            e = lib.uf_engine_new(self.fileno(), self.ring_entries,
+                                  0 if self.multishot else C.ENGINE_NO_MULTISHOT, err)
             if e == ffi.NULL:
                 check(err[0], "io_uring", "setting up the engine's ring")
             self._engine = e
