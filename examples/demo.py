@@ -40,15 +40,20 @@ async def main() -> int:
     size = args.mib << 20
     tty = sys.stdout.isatty()
 
-    print(f"uffdio demo: kernel features {', '.join(f.name or '' for f in uffdio.Userfaultfd.probe()[0])}")
+    print(
+        "uffdio demo: kernel features "
+        + ", ".join(f.name or "" for f in uffdio.Userfaultfd.probe()[0])
+    )
     with Target() as t:
         [a] = t.cmd("map", size)
         [b] = t.cmd("map", size)
         u = t.open_uffd(uffdio.EVENTS)
         t.cmd("register", a, size, int(uffdio.Mode.MISSING))
         t.cmd("register", b, size, int(uffdio.Mode.MISSING))
-        print(f"target pid {t.pid}: region A {a:#x} (coroutine), region B {b:#x} (C resolver), "
-              f"{args.mib} MiB each")
+        print(
+            f"target pid {t.pid}: region A {a:#x} (coroutine), region B {b:#x} (C resolver), "
+            f"{args.mib} MiB each"
+        )
         events: list[str] = []
         discarded: list[tuple[int, int]] = []  # ranges the target threw away
 
@@ -80,8 +85,10 @@ async def main() -> int:
                     st["faults_py"] += cs["faults_py"]
                     st["resolved"] += cs["resolved"]
                 dt = time.monotonic() - t0
-                line = (f"  {dt:5.1f} s  faults served: coroutine {st['faults_py']:7d}  "
-                        f"C resolver {st['resolved']:7d}  events {len(events)}")
+                line = (
+                    f"  {dt:5.1f} s  faults served: coroutine {st['faults_py']:7d}  "
+                    f"C resolver {st['resolved']:7d}  events {len(events)}"
+                )
                 print(("\r" + line) if tty else line, end="" if tty else "\n", flush=True)
             if tty:
                 print()
@@ -102,13 +109,24 @@ async def main() -> int:
         rest_ok = (await t.acmd("check", a + size // 2, size // 2, 1))[0] == 0
         st = u.statistics()
         ok = bad_a == 0 and bad_b == 0 and child == 0 and rest_ok
-        print(f"region A (coroutine): {'every byte correct' if bad_a == 0 else f'{bad_a} bad words'}")
-        print(f"region B (C resolver): {'every byte correct' if bad_b == 0 else f'{bad_b} bad words'}")
-        print(f"fork: child saw {'the same memory' if child == 0 else f'wrong data (status {child})'}")
-        print(f"madvise(DONTNEED): {'reads zeros as the kernel promises' if zero_ok else 'WRONG: old data came back'}"
-              f"{'' if rest_ok else ' (and the kept half changed!)'}")
-        print(f"events: {', '.join(events)}; engine: {st['msgs']} messages in {st['batches']} "
-              f"ring batches, {st['resolved']} faults resolved in C, {st['forwarded']} sent to Python")
+        print(
+            f"region A (coroutine): {'every byte correct' if bad_a == 0 else f'{bad_a} bad words'}"
+        )
+        print(
+            f"region B (C resolver): {'every byte correct' if bad_b == 0 else f'{bad_b} bad words'}"
+        )
+        print(
+            f"fork: child saw {'the same memory' if child == 0 else f'wrong data (status {child})'}"
+        )
+        print(
+            "madvise(DONTNEED): "
+            + ("reads zeros as the kernel promises" if zero_ok else "WRONG: old data came back")
+            + f"{'' if rest_ok else ' (and the kept half changed!)'}"
+        )
+        print(
+            f"events: {', '.join(events)}; engine: {st['msgs']} messages in {st['batches']} "
+            f"ring batches, {st['resolved']} faults resolved in C, {st['forwarded']} sent to Python"
+        )
         u.close()
         return 0 if ok and zero_ok else 1
 

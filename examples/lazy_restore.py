@@ -71,17 +71,21 @@ async def main() -> int:
                     await dst.acmd("touch", addr, length // PAGE, 0, "-")
                     dt = time.perf_counter() - t0
                 st = u.statistics()
-            print(f"restore: {length // PAGE} pages touched in {dt:.3f} s "
-                  f"({length / dt / 1e6:.0f} MB/s); {st['faults']} faults, "
-                  f"{st['file_reads']} ring reads, {st['resolved']} resolved in C, "
-                  f"{st['forwarded']} sent to Python")
+            print(
+                f"restore: {length // PAGE} pages touched in {dt:.3f} s "
+                f"({length / dt / 1e6:.0f} MB/s); {st['faults']} faults, "
+                f"{st['file_reads']} ring reads, {st['resolved']} resolved in C, "
+                f"{st['forwarded']} sent to Python"
+            )
             # every byte must equal the snapshot (pages are present now: no faults)
             f.seek(0)
             want = f.read()
             got = bytearray(length)
             uffdio.read_memory(dst.pid, [(addr, length)], got)
             if got != want:
-                bad = sum(1 for i in range(0, length, PAGE) if got[i:i + PAGE] != want[i:i + PAGE])
+                bad = sum(
+                    1 for i in range(0, length, PAGE) if got[i : i + PAGE] != want[i : i + PAGE]
+                )
                 print(f"FAILED: {bad} pages differ from the snapshot", file=sys.stderr)
                 return 1
             print("verified: every byte equals the snapshot")

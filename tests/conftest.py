@@ -42,8 +42,9 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def managed(t: Target, npages: int, features: int = 0, mode: int = uffdio.Mode.MISSING,
-            optional: int = 0) -> tuple[int, uffdio.Userfaultfd]:
+def managed(
+    t: Target, npages: int, features: int = 0, mode: int = uffdio.Mode.MISSING, optional: int = 0
+) -> tuple[int, uffdio.Userfaultfd]:
     """Map ``npages`` in the target, create a uffd there, register the region, receive the uffd."""
     [addr] = t.cmd("map", npages * PAGE)
     u = t.open_uffd(features, optional)

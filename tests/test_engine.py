@@ -24,7 +24,7 @@ async def test_read_paths_and_modes(target, multishot, thread):
         async def handler(batch):  # second half: coroutine
             for page in batch.pages():
                 off = page - addr - half
-                await u.copy(page, data[off:off + PAGE])
+                await u.copy(page, data[off : off + PAGE])
 
         async with u.serving(thread=thread):
             assert await target.acmd("threads", addr, n * PAGE, 5, 8) == [0]

@@ -27,12 +27,13 @@ async def test_coroutine_handler_serves_content(target):
     data = pattern(addr, n * PAGE, 9)
     seen = []
     with u:
+
         @u.on_fault
         async def handler(batch):
             for page in batch.pages():
                 seen.append(page)
                 off = page - addr
-                await u.copy(page, data[off:off + PAGE])
+                await u.copy(page, data[off : off + PAGE])
 
         async with u.serving():
             assert await target.acmd("check", addr, n * PAGE, 9) == [0]

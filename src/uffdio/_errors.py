@@ -52,7 +52,7 @@ class UffdProcessGone(UffdError, ProcessLookupError):
 
 
 class UffdMappingChanged(UffdError):
-    """The target's mapping changed under the operation (ENOENT): it was unmapped or unregistered."""
+    """The target's mapping changed under the operation (ENOENT): unmapped or unregistered."""
 
 
 class UffdWouldBlock(UffdError, BlockingIOError):

@@ -17,8 +17,12 @@ def _flat(ranges: RangeList) -> Any:
     flat = ffi.new("uint64_t[]", 2 * max(1, len(ranges)))
     for i, (s, n) in enumerate(ranges):
         if s < 0 or n < 0:
-            raise UffdRangeError(errno.EINVAL, "iovec", f"range {s:#x}+{n:#x}",
-                                 "pass non-negative addresses and lengths")
+            raise UffdRangeError(
+                errno.EINVAL,
+                "iovec",
+                f"range {s:#x}+{n:#x}",
+                "pass non-negative addresses and lengths",
+            )
         flat[2 * i] = s
         flat[2 * i + 1] = n
     return flat
@@ -29,8 +33,12 @@ def _local(buf: Any, ranges: RangeList) -> tuple[Any, Any]:
     cbuf = ffi.from_buffer(buf, require_writable=False)
     total = sum(n for _, n in ranges)
     if len(cbuf) < total:
-        raise UffdRangeError(errno.EINVAL, "process_vm", f"local buffer has {len(cbuf)} bytes, "
-                             f"the ranges {total}", "pass a larger buffer")
+        raise UffdRangeError(
+            errno.EINVAL,
+            "process_vm",
+            f"local buffer has {len(cbuf)} bytes, the ranges {total}",
+            "pass a larger buffer",
+        )
     base = int(ffi.cast("uintptr_t", cbuf))
     pairs, off = [], 0
     for _, n in ranges:
@@ -45,15 +53,21 @@ def read_memory(pid: int, ranges: RangeList, into: Any) -> int:
     Returns bytes read (short when a remote page is not mapped).  Never use it on a missing
     page of a range whose faults you serve: it would wait for your own resolution."""
     local, _keep = _local(into, ranges)
-    return check(lib.uf_process_vm_readv(pid, local, len(ranges), _flat(ranges), len(ranges)),
-                 "process_vm_readv", f"pid {pid}")
+    return check(
+        lib.uf_process_vm_readv(pid, local, len(ranges), _flat(ranges), len(ranges)),
+        "process_vm_readv",
+        f"pid {pid}",
+    )
 
 
 def write_memory(pid: int, ranges: RangeList, data: Any) -> int:
     """process_vm_writev of consecutive bytes of ``data`` into many remote ranges."""
     local, _keep = _local(data, ranges)
-    return check(lib.uf_process_vm_writev(pid, local, len(ranges), _flat(ranges), len(ranges)),
-                 "process_vm_writev", f"pid {pid}")
+    return check(
+        lib.uf_process_vm_writev(pid, local, len(ranges), _flat(ranges), len(ranges)),
+        "process_vm_writev",
+        f"pid {pid}",
+    )
 
 
 def pidfd_open(pid: int) -> int:
@@ -67,14 +81,26 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
 def process_madvise(pidfd: int, ranges: RangeList, advice: int) -> int:
     """process_madvise with many ranges per call.  On another process the kernel accepts only
     COLD, PAGEOUT, WILLNEED and COLLAPSE; zaps (DONTNEED) must run inside the target."""
-    return check(lib.uf_process_madvise(pidfd, _flat(ranges), len(ranges), advice),
-                 "process_madvise", f"advice {advice}")
+    return check(
+        lib.uf_process_madvise(pidfd, _flat(ranges), len(ranges), advice),
+        "process_madvise",
+        f"advice {advice}",
+    )
 
 
-def pagemap_scan(pid: int | str, start: int, end: int, *, category_mask: int = 0,
-                 category_inverted: int = 0, category_anyof_mask: int = 0,
-                 return_mask: int = 0, flags: int = 0, max_pages: int = 0,
-                 max_regions: int = 4096) -> tuple[list[tuple[int, int, int]], int]:
+def pagemap_scan(
+    pid: int | str,
+    start: int,
+    end: int,
+    *,
+    category_mask: int = 0,
+    category_inverted: int = 0,
+    category_anyof_mask: int = 0,
+    return_mask: int = 0,
+    flags: int = 0,
+    max_pages: int = 0,
+    max_regions: int = 4096,
+) -> tuple[list[tuple[int, int, int]], int]:
     """PAGEMAP_SCAN (6.7+) on /proc/PID/pagemap: ([(start, end, categories)], walk_end)."""
     path = f"/proc/{pid}/pagemap"
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -32,8 +32,11 @@ def _serve_commands() -> int:  # runs in the target process
         argv = line.split()
         if not argv:
             continue
-        cmd, args = argv[0], [int(a, 0) if a.lstrip("-").isdigit() or a.startswith("0x")
-                              else a for a in argv[1:]]
+        args: list[Any]
+        cmd, args = (
+            argv[0],
+            [int(a, 0) if a.lstrip("-").isdigit() or a.startswith("0x") else a for a in argv[1:]],
+        )
         try:
             reply: list[Any] = []
             if cmd == "map":
@@ -103,16 +106,32 @@ class TargetError(RuntimeError):
 class Target:
     """Manager side of a ``python -m uffdio._target`` process."""
 
-    def __init__(self, cpu: int | None = None, env: dict[str, str] | None = None,
-                 preexec: Any = None, user: int | None = None) -> None:
+    def __init__(
+        self,
+        cpu: int | None = None,
+        env: dict[str, str] | None = None,
+        preexec: Any = None,
+        user: int | None = None,
+    ) -> None:
         self._sock, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         os.dup2(child.fileno(), 100)  # becomes fd 3 in the child (see pass_fds below)
-        cmd = [sys.executable, "-c",
-               "import os; os.dup2(100, 3); os.close(100); "
-               "from uffdio._target import _serve_commands; raise SystemExit(_serve_commands())"]
+        cmd = [
+            sys.executable,
+            "-c",
+            "import os; os.dup2(100, 3); os.close(100); "
+            "from uffdio._target import _serve_commands; raise SystemExit(_serve_commands())",
+        ]
         self.proc = subprocess.Popen(
-            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
-            pass_fds=(100,), env=env, user=user, preexec_fn=preexec)
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            pass_fds=(100,),
+            env=env,
+            user=user,
+            preexec_fn=preexec,
+        )
         os.close(100)
         child.close()
         self.pid = self.proc.pid

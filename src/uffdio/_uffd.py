@@ -31,17 +31,31 @@ TAKE_MAX = 512
 
 def _check_range(start: int, length: int, op: str) -> None:
     if not isinstance(start, int) or not isinstance(length, int):
-        raise TypeError(f"{op}: start and length must be int, not {type(start).__name__}, "
-                        f"{type(length).__name__}")
+        raise TypeError(
+            f"{op}: start and length must be int, not {type(start).__name__}, "
+            f"{type(length).__name__}"
+        )
     if length <= 0:
-        raise UffdRangeError(errno.EINVAL, op, f"length {length} is not positive",
-                             "pass a length of at least one page (4096)")
+        raise UffdRangeError(
+            errno.EINVAL,
+            op,
+            f"length {length} is not positive",
+            "pass a length of at least one page (4096)",
+        )
     if start < 0 or start + length > 1 << 64:
-        raise UffdRangeError(errno.EINVAL, op, f"range {start:#x}+{length:#x} is outside the "
-                             "address space", "pass a user-space address")
+        raise UffdRangeError(
+            errno.EINVAL,
+            op,
+            f"range {start:#x}+{length:#x} is outside the address space",
+            "pass a user-space address",
+        )
     if start % C.PAGE_SIZE or length % C.PAGE_SIZE:
-        raise UffdRangeError(errno.EINVAL, op, f"range {start:#x}+{length:#x} is not page aligned",
-                             "round start down and length up to multiples of 4096")
+        raise UffdRangeError(
+            errno.EINVAL,
+            op,
+            f"range {start:#x}+{length:#x} is not page aligned",
+            "round start down and length up to multiples of 4096",
+        )
 
 
 def _pairs(ranges: RangeList, op: str) -> CData:
@@ -59,8 +73,12 @@ def _address_of(src: int | Buffer, length: int, op: str) -> tuple[int, Any]:
         return src, None
     cbuf = ffi.from_buffer(src)
     if len(cbuf) < length:
-        raise UffdRangeError(errno.EINVAL, op, f"source buffer has {len(cbuf)} bytes, "
-                             f"{length} needed", "pass a buffer at least as long as the range")
+        raise UffdRangeError(
+            errno.EINVAL,
+            op,
+            f"source buffer has {len(cbuf)} bytes, {length} needed",
+            "pass a buffer at least as long as the range",
+        )
     return int(ffi.cast("uintptr_t", cbuf)), cbuf
 
 
@@ -111,7 +129,7 @@ class FaultBatch:
         return len(self.addresses)
 
     def __iter__(self) -> Iterator[Fault]:
-        for a, f, t in zip(self.addresses, self.flags, self.tids):
+        for a, f, t in zip(self.addresses, self.flags, self.tids, strict=True):
             yield Fault(a, f, t)
 
     def pages(self) -> list[int]:
@@ -144,7 +162,7 @@ class RemapEvent:
 
 @dataclass(frozen=True)
 class RemoveEvent:
-    """madvise(DONTNEED/FREE/REMOVE) discarded [start, end): the next fault there must read zeros."""
+    """madvise(DONTNEED/FREE/REMOVE) discarded [start, end): faults there must read zeros."""
 
     uffd: Userfaultfd
     start: int
@@ -198,24 +216,38 @@ class Resolver:
         self._uffd = uffd
         self._keep: list[Any] = []  # buffers and files that rules point into
 
-    def _add(self, start: int, length: int, kind: int, src: int, fd: int, off: int,
-             chunk_pages: int, replace: bool, op: str) -> None:
+    def _add(
+        self,
+        start: int,
+        length: int,
+        kind: int,
+        src: int,
+        fd: int,
+        off: int,
+        chunk_pages: int,
+        replace: bool,
+        op: str,
+    ) -> None:
         _check_range(start, length, op)
         if not 1 <= chunk_pages <= 512:
-            raise UffdRangeError(errno.EINVAL, op, f"chunk_pages={chunk_pages}",
-                                 "use 1..512 pages")
+            raise UffdRangeError(errno.EINVAL, op, f"chunk_pages={chunk_pages}", "use 1..512 pages")
         e = self._uffd._engine_handle()
         if not replace and lib.uf_rules_overlapping(e, start, length):
-            raise UffdRangeError(errno.EEXIST, op, f"{start:#x}+{length:#x} overlaps a rule",
-                                 "remove the old rule first or pass replace=True")
+            raise UffdRangeError(
+                errno.EEXIST,
+                op,
+                f"{start:#x}+{length:#x} overlaps a rule",
+                "remove the old rule first or pass replace=True",
+            )
         check(lib.uf_rules_add(e, start, length, kind, src, fd, off, chunk_pages), op)
 
     def zero(self, start: int, length: int, *, replace: bool = False) -> None:
         """Faults in [start, start+length) get zero pages (UFFDIO_ZEROPAGE)."""
         self._add(start, length, C.RULE_ZERO, 0, -1, 0, 1, replace, "resolver.zero")
 
-    def buffer(self, start: int, data: Buffer, *, chunk_pages: int = 1,
-               replace: bool = False) -> None:
+    def buffer(
+        self, start: int, data: Buffer, *, chunk_pages: int = 1, replace: bool = False
+    ) -> None:
         """Faults at ``start + i`` get the page at ``data[i]``; ``data`` must stay unchanged
         while the rule lives (the resolver keeps a reference).  ``len(data)`` must be a multiple
         of the page size."""
@@ -227,21 +259,31 @@ class Resolver:
         self._add(start, length, C.RULE_BUFFER, addr, -1, 0, chunk_pages, replace, op)
         self._keep.append(keep)
 
-    def file(self, start: int, length: int, file: int | Any, offset: int = 0, *,
-             chunk_pages: int = 1, replace: bool = False) -> None:
+    def file(
+        self,
+        start: int,
+        length: int,
+        file: int | Any,
+        offset: int = 0,
+        *,
+        chunk_pages: int = 1,
+        replace: bool = False,
+    ) -> None:
         """Faults at ``start + i`` get the bytes of ``file`` at ``offset + i`` (read through the
         ring).  Bytes past the end of the file read as zeros.  ``file`` is an fd or an object
         with ``fileno()``; it must stay open while the rule lives."""
         op = "resolver.file"
         fd = file if isinstance(file, int) else file.fileno()
         if offset < 0 or offset % C.PAGE_SIZE:
-            raise UffdRangeError(errno.EINVAL, op, f"offset {offset}",
-                                 "pass a page-aligned, non-negative offset")
+            raise UffdRangeError(
+                errno.EINVAL, op, f"offset {offset}", "pass a page-aligned, non-negative offset"
+            )
         try:
             os.fstat(fd)
         except OSError as exc:
-            raise UffdClosedError(errno.EBADF, op, f"fd {fd}: {exc.strerror}",
-                                  "pass an open file") from None
+            raise UffdClosedError(
+                errno.EBADF, op, f"fd {fd}: {exc.strerror}", "pass an open file"
+            ) from None
         self._add(start, length, C.RULE_FILE, 0, fd, offset, chunk_pages, replace, op)
         self._keep.append(file)
 
@@ -269,8 +311,15 @@ class Userfaultfd:
     retried after the engine has drained the events.  Faults are served by :meth:`serve`.
     """
 
-    def __init__(self, fd: int, features: int = 0, ioctls: int = 0, *,
-                 own_mm: bool = False, user_mode_only: bool = False) -> None:
+    def __init__(
+        self,
+        fd: int,
+        features: int = 0,
+        ioctls: int = 0,
+        *,
+        own_mm: bool = False,
+        user_mode_only: bool = False,
+    ) -> None:
         self._fd = fd
         self.features = Feature(features)
         self.ioctls = Ioctl(ioctls)
@@ -307,8 +356,9 @@ class Userfaultfd:
         return Feature(feats[0]), Ioctl(ioctls[0])
 
     @classmethod
-    def open(cls, features: int = 0, *, optional: int = 0,
-             user_mode_only: bool | None = None) -> Userfaultfd:
+    def open(
+        cls, features: int = 0, *, optional: int = 0, user_mode_only: bool | None = None
+    ) -> Userfaultfd:
         """Open a userfaultfd (O_NONBLOCK|O_CLOEXEC) and negotiate ``features``.
 
         ``features`` are required: missing ones raise :class:`UffdUnsupportedError` naming them.
@@ -332,13 +382,20 @@ class Userfaultfd:
             avail, _ = cls.probe(user_mode_only=umo)
             missing = Feature(features) & ~avail
             if missing:
-                raise error_for(errno.EINVAL, "UFFDIO_API",
-                                f"the kernel lacks {missing!r} (it offers {avail!r})")
+                raise error_for(
+                    errno.EINVAL,
+                    "UFFDIO_API",
+                    f"the kernel lacks {missing!r} (it offers {avail!r})",
+                )
             want = int(features) | (int(optional) & int(avail))
             fout = ffi.new("uint64_t *")
             iout = ffi.new("uint64_t *")
             rc = lib.uf_api(fd, want, fout, iout)
-            if rc == -errno.EPERM and want & Feature.EVENT_FORK and not features & Feature.EVENT_FORK:
+            if (
+                rc == -errno.EPERM
+                and want & Feature.EVENT_FORK
+                and not features & Feature.EVENT_FORK
+            ):
                 # EVENT_FORK needs CAP_SYS_PTRACE; it was optional: retry without it.  A uffd
                 # allows one UFFDIO_API, so open a fresh one.
                 os.close(fd)
@@ -364,14 +421,18 @@ class Userfaultfd:
         return cls(fd, features, 0, own_mm=own_mm)
 
     @classmethod
-    def receive(cls, sock: socket.socket | int, features: int = 0,
-                maxdata: int = 256) -> tuple[Userfaultfd, bytes]:
+    def receive(
+        cls, sock: socket.socket | int, features: int = 0, maxdata: int = 256
+    ) -> tuple[Userfaultfd, bytes]:
         """Receive a uffd sent with SCM_RIGHTS (see :meth:`send`) and the bytes sent with it."""
         s = sock if isinstance(sock, int) else sock.fileno()
         fdp = ffi.new("int *")
         data = ffi.new("char[]", maxdata)
-        n = check(lib.uf_recv_fd(s, fdp, data, maxdata), "recvmsg(SCM_RIGHTS)",
-                  "the peer closed the socket without sending a uffd")
+        n = check(
+            lib.uf_recv_fd(s, fdp, data, maxdata),
+            "recvmsg(SCM_RIGHTS)",
+            "the peer closed the socket without sending a uffd",
+        )
         return cls.from_fd(fdp[0], features), bytes(ffi.buffer(data, n))
 
     @classmethod
@@ -380,8 +441,9 @@ class Userfaultfd:
         rights over it)."""
         pidfd = check(lib.uf_pidfd_open(pid, 0), "pidfd_open", f"pid {pid}")
         try:
-            fd = check(lib.uf_pidfd_getfd(pidfd, targetfd), "pidfd_getfd",
-                       f"pid {pid} fd {targetfd}")
+            fd = check(
+                lib.uf_pidfd_getfd(pidfd, targetfd), "pidfd_getfd", f"pid {pid} fd {targetfd}"
+            )
         finally:
             os.close(pidfd)
         return cls.from_fd(fd, features)
@@ -395,8 +457,9 @@ class Userfaultfd:
 
     def fileno(self) -> int:
         if self._fd < 0:
-            raise UffdClosedError(errno.EBADF, "userfaultfd", "this Userfaultfd is closed",
-                                  "open a new one")
+            raise UffdClosedError(
+                errno.EBADF, "userfaultfd", "this Userfaultfd is closed", "open a new one"
+            )
         return self._fd
 
     @property
@@ -442,9 +505,12 @@ class Userfaultfd:
             return
         for s, (n, _) in self._ranges.items():
             if addr < s + n and s < addr + length:
-                raise UffdRangeError(errno.EINVAL, op, f"source {addr:#x}+{length:#x} lies in "
-                                     f"the registered range {s:#x}+{n:#x}",
-                                     "copy from memory that is not registered")
+                raise UffdRangeError(
+                    errno.EINVAL,
+                    op,
+                    f"source {addr:#x}+{length:#x} lies in the registered range {s:#x}+{n:#x}",
+                    "copy from memory that is not registered",
+                )
 
     # ---- registration -----------------------------------------------------------------------
 
@@ -452,24 +518,38 @@ class Userfaultfd:
         """Register [start, start+length) and return the ioctls allowed on it."""
         _check_range(start, length, "UFFDIO_REGISTER")
         if mode & Mode.WP and not self.features & Feature.PAGEFAULT_FLAG_WP and self.own_mm:
-            raise error_for(errno.EINVAL, "UFFDIO_REGISTER",
-                            "WP mode needs Feature.PAGEFAULT_FLAG_WP at open()")
+            raise error_for(
+                errno.EINVAL, "UFFDIO_REGISTER", "WP mode needs Feature.PAGEFAULT_FLAG_WP at open()"
+            )
         out = ffi.new("uint64_t *")
-        check(lib.uf_register(self.fileno(), start, length, int(mode), out), "UFFDIO_REGISTER",
-              f"{start:#x}+{length:#x} mode {Mode(mode)!r}")
+        check(
+            lib.uf_register(self.fileno(), start, length, int(mode), out),
+            "UFFDIO_REGISTER",
+            f"{start:#x}+{length:#x} mode {Mode(mode)!r}",
+        )
         self._ranges[start] = (length, Mode(mode))
         return Ioctl(out[0])
 
     def unregister(self, start: int, length: int) -> None:
         _check_range(start, length, "UFFDIO_UNREGISTER")
-        check(lib.uf_unregister(self.fileno(), start, length), "UFFDIO_UNREGISTER",
-              f"{start:#x}+{length:#x}")
+        check(
+            lib.uf_unregister(self.fileno(), start, length),
+            "UFFDIO_UNREGISTER",
+            f"{start:#x}+{length:#x}",
+        )
         self._ranges.pop(start, None)
 
     # ---- resolution, non-blocking -----------------------------------------------------------
 
-    def copy_nowait(self, dst: int, src: int | Buffer, length: int | None = None, *,
-                    dontwake: bool = False, wp: bool = False) -> int:
+    def copy_nowait(
+        self,
+        dst: int,
+        src: int | Buffer,
+        length: int | None = None,
+        *,
+        dontwake: bool = False,
+        wp: bool = False,
+    ) -> int:
         """UFFDIO_COPY ``length`` bytes (default: all of ``src``) to ``dst``.  Pages already
         mapped (EEXIST) count as resolved and are woken.  Returns bytes done; raises
         :class:`UffdWouldBlock` on EAGAIN (events pending)."""
@@ -485,32 +565,40 @@ class Userfaultfd:
         check(rc, "UFFDIO_COPY", f"dst {dst:#x} len {length:#x}")
         return int(done[0])
 
-    def zeropage_nowait(self, start: int, length: int = C.PAGE_SIZE, *,
-                        dontwake: bool = False) -> int:
+    def zeropage_nowait(
+        self, start: int, length: int = C.PAGE_SIZE, *, dontwake: bool = False
+    ) -> int:
         _check_range(start, length, "UFFDIO_ZEROPAGE")
         done = ffi.new("uint64_t *")
-        rc = lib.uf_zeropage_all(self.fileno(), start, length,
-                                 C.ZEROPAGE_MODE_DONTWAKE if dontwake else 0, done)
+        rc = lib.uf_zeropage_all(
+            self.fileno(), start, length, C.ZEROPAGE_MODE_DONTWAKE if dontwake else 0, done
+        )
         if rc == -errno.EAGAIN and done[0]:
             return int(done[0])
         check(rc, "UFFDIO_ZEROPAGE", f"{start:#x}+{length:#x}")
         return int(done[0])
 
-    def writeprotect_nowait(self, ranges: RangeList, protect: bool = True, *,
-                            dontwake: bool = False) -> None:
+    def writeprotect_nowait(
+        self, ranges: RangeList, protect: bool = True, *, dontwake: bool = False
+    ) -> None:
         """(Un)write-protect many ranges in one call into C."""
         flat = _pairs(ranges, "UFFDIO_WRITEPROTECT")
         mode = (C.WRITEPROTECT_MODE_WP if protect else 0) | (
-            C.WRITEPROTECT_MODE_DONTWAKE if dontwake else 0)
+            C.WRITEPROTECT_MODE_DONTWAKE if dontwake else 0
+        )
         done = ffi.new("size_t *")
         rc = lib.uf_writeprotect(self.fileno(), flat, len(ranges), mode, done)
         if rc < 0:
             i = int(done[0])
-            check(rc, "UFFDIO_WRITEPROTECT", f"range {i} of {len(ranges)} "
-                  f"({ranges[i][0]:#x}+{ranges[i][1]:#x})")
+            check(
+                rc,
+                "UFFDIO_WRITEPROTECT",
+                f"range {i} of {len(ranges)} ({ranges[i][0]:#x}+{ranges[i][1]:#x})",
+            )
 
-    def continue_nowait(self, start: int, length: int = C.PAGE_SIZE, *,
-                        dontwake: bool = False, wp: bool = False) -> int:
+    def continue_nowait(
+        self, start: int, length: int = C.PAGE_SIZE, *, dontwake: bool = False, wp: bool = False
+    ) -> int:
         _check_range(start, length, "UFFDIO_CONTINUE")
         out = ffi.new("int64_t *")
         mode = (C.CONTINUE_MODE_DONTWAKE if dontwake else 0) | (C.CONTINUE_MODE_WP if wp else 0)
@@ -520,8 +608,15 @@ class Userfaultfd:
         check(rc, "UFFDIO_CONTINUE", f"{start:#x}+{length:#x}")
         return length
 
-    def move_nowait(self, dst: int, src: int, length: int = C.PAGE_SIZE, *,
-                    dontwake: bool = False, allow_src_holes: bool = False) -> int:
+    def move_nowait(
+        self,
+        dst: int,
+        src: int,
+        length: int = C.PAGE_SIZE,
+        *,
+        dontwake: bool = False,
+        allow_src_holes: bool = False,
+    ) -> int:
         """UFFDIO_MOVE (6.8+; only within the uffd's own process)."""
         _check_range(dst, length, "UFFDIO_MOVE")
         _check_range(src, length, "UFFDIO_MOVE")
@@ -529,24 +624,32 @@ class Userfaultfd:
             raise error_for(errno.ENOTTY, "UFFDIO_MOVE", "Feature.MOVE was not negotiated")
         out = ffi.new("int64_t *")
         mode = (C.MOVE_MODE_DONTWAKE if dontwake else 0) | (
-            C.MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0)
+            C.MOVE_MODE_ALLOW_SRC_HOLES if allow_src_holes else 0
+        )
         rc = lib.uf_move(self.fileno(), dst, src, length, mode, out)
         if rc == -errno.EAGAIN and out[0] > 0:
             return int(out[0])
-        check(rc, "UFFDIO_MOVE", f"{src:#x} -> {dst:#x} len {length:#x}"
-              + (" (UFFDIO_MOVE works only on the uffd's own process)" if rc == -errno.EINVAL
-                 else ""))
+        check(
+            rc,
+            "UFFDIO_MOVE",
+            f"{src:#x} -> {dst:#x} len {length:#x}"
+            + (
+                " (UFFDIO_MOVE works only on the uffd's own process)" if rc == -errno.EINVAL else ""
+            ),
+        )
         return length
 
-    def poison_nowait(self, start: int, length: int = C.PAGE_SIZE, *,
-                      dontwake: bool = False) -> int:
+    def poison_nowait(
+        self, start: int, length: int = C.PAGE_SIZE, *, dontwake: bool = False
+    ) -> int:
         """UFFDIO_POISON (6.6+): accesses raise SIGBUS in the target."""
         _check_range(start, length, "UFFDIO_POISON")
         if not self.features & Feature.POISON:
             raise error_for(errno.ENOTTY, "UFFDIO_POISON", "Feature.POISON was not negotiated")
         out = ffi.new("int64_t *")
-        rc = lib.uf_poison(self.fileno(), start, length,
-                           C.POISON_MODE_DONTWAKE if dontwake else 0, out)
+        rc = lib.uf_poison(
+            self.fileno(), start, length, C.POISON_MODE_DONTWAKE if dontwake else 0, out
+        )
         if rc == -errno.EAGAIN and out[0] > 0:
             return int(out[0])
         check(rc, "UFFDIO_POISON", f"{start:#x}+{length:#x}")
@@ -568,10 +671,10 @@ class Userfaultfd:
 
     # ---- resolution, async (EAGAIN retried) -------------------------------------------------
 
-    async def _retry(self, fn: Callable[[], int], op: str, timeout: float = 10.0) -> int:
+    async def _retry(self, fn: Callable[[], int], op: str, limit_s: float = 10.0) -> int:
         from ._errors import UffdWouldBlock
 
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + limit_s
         delay = 0.0
         while True:
             try:
@@ -588,40 +691,62 @@ class Userfaultfd:
                 await anyio.sleep(delay)
                 delay = min(max(delay * 2, 50e-6), 2e-3)
 
-    async def copy(self, dst: int, src: int | Buffer, length: int | None = None, *,
-                   dontwake: bool = False, wp: bool = False) -> int:
+    async def copy(
+        self,
+        dst: int,
+        src: int | Buffer,
+        length: int | None = None,
+        *,
+        dontwake: bool = False,
+        wp: bool = False,
+    ) -> int:
         return await self._retry(
-            lambda: self.copy_nowait(dst, src, length, dontwake=dontwake, wp=wp), "UFFDIO_COPY")
+            lambda: self.copy_nowait(dst, src, length, dontwake=dontwake, wp=wp), "UFFDIO_COPY"
+        )
 
-    async def zeropage(self, start: int, length: int = C.PAGE_SIZE, *,
-                       dontwake: bool = False) -> int:
+    async def zeropage(
+        self, start: int, length: int = C.PAGE_SIZE, *, dontwake: bool = False
+    ) -> int:
         return await self._retry(
-            lambda: self.zeropage_nowait(start, length, dontwake=dontwake), "UFFDIO_ZEROPAGE")
+            lambda: self.zeropage_nowait(start, length, dontwake=dontwake), "UFFDIO_ZEROPAGE"
+        )
 
-    async def writeprotect(self, ranges: RangeList, protect: bool = True, *,
-                           dontwake: bool = False) -> None:
+    async def writeprotect(
+        self, ranges: RangeList, protect: bool = True, *, dontwake: bool = False
+    ) -> None:
         def go() -> int:
             self.writeprotect_nowait(ranges, protect, dontwake=dontwake)
             return 0
 
         await self._retry(go, "UFFDIO_WRITEPROTECT")
 
-    async def continue_(self, start: int, length: int = C.PAGE_SIZE, *,
-                        dontwake: bool = False, wp: bool = False) -> int:
+    async def continue_(
+        self, start: int, length: int = C.PAGE_SIZE, *, dontwake: bool = False, wp: bool = False
+    ) -> int:
         return await self._retry(
-            lambda: self.continue_nowait(start, length, dontwake=dontwake, wp=wp),
-            "UFFDIO_CONTINUE")
+            lambda: self.continue_nowait(start, length, dontwake=dontwake, wp=wp), "UFFDIO_CONTINUE"
+        )
 
-    async def move(self, dst: int, src: int, length: int = C.PAGE_SIZE, *,
-                   dontwake: bool = False, allow_src_holes: bool = False) -> int:
+    async def move(
+        self,
+        dst: int,
+        src: int,
+        length: int = C.PAGE_SIZE,
+        *,
+        dontwake: bool = False,
+        allow_src_holes: bool = False,
+    ) -> int:
         return await self._retry(
-            lambda: self.move_nowait(dst, src, length, dontwake=dontwake,
-                                     allow_src_holes=allow_src_holes), "UFFDIO_MOVE")
+            lambda: self.move_nowait(
+                dst, src, length, dontwake=dontwake, allow_src_holes=allow_src_holes
+            ),
+            "UFFDIO_MOVE",
+        )
 
-    async def poison(self, start: int, length: int = C.PAGE_SIZE, *,
-                     dontwake: bool = False) -> int:
+    async def poison(self, start: int, length: int = C.PAGE_SIZE, *, dontwake: bool = False) -> int:
         return await self._retry(
-            lambda: self.poison_nowait(start, length, dontwake=dontwake), "UFFDIO_POISON")
+            lambda: self.poison_nowait(start, length, dontwake=dontwake), "UFFDIO_POISON"
+        )
 
     # ---- handlers ---------------------------------------------------------------------------
 
@@ -636,6 +761,7 @@ class Userfaultfd:
         """Add a coroutine for FORK, REMAP, REMOVE, UNMAP or ERROR events.  Without
         ``handler`` it is a decorator: ``@uffd.on_event(Event.REMOVE)``."""
         if handler is None:
+
             def deco(h: EventHandler) -> EventHandler:
                 self._event_handlers.setdefault(Event(kind), []).append(h)
                 return h
@@ -666,8 +792,12 @@ class Userfaultfd:
     def _engine_handle(self) -> CData:
         if self._engine is None:
             err = ffi.new("int *")
-            e = lib.uf_engine_new(self.fileno(), self.ring_entries,
-                                  0 if self.multishot else C.ENGINE_NO_MULTISHOT, err)
+            e = lib.uf_engine_new(
+                self.fileno(),
+                self.ring_entries,
+                0 if self.multishot else C.ENGINE_NO_MULTISHOT,
+                err,
+            )
             if e == ffi.NULL:
                 check(err[0], "io_uring", "setting up the engine's ring")
             self._engine = e
@@ -679,14 +809,32 @@ class Userfaultfd:
         if self._engine is not None:
             st = ffi.new("struct uf_engine_stats *")
             lib.uf_engine_get_stats(self._engine, st)
-            for name in ("msgs", "faults", "resolved", "forwarded", "events", "eexist", "eagain",
-                         "errors", "file_reads", "batches", "rearms", "deferred_now", "inflight",
-                         "multishot", "thread"):
+            for name in (
+                "msgs",
+                "faults",
+                "resolved",
+                "forwarded",
+                "events",
+                "eexist",
+                "eagain",
+                "errors",
+                "file_reads",
+                "batches",
+                "rearms",
+                "deferred_now",
+                "inflight",
+                "multishot",
+                "thread",
+            ):
                 out[name] = int(getattr(st, name))
         return out
 
-    async def serve(self, *, thread: bool | None = None,
-                    task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self,
+        *,
+        thread: bool | None = None,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
         """Read fault messages through the ring and dispatch them until cancelled.
 
         ``thread``: True runs the engine on a C thread: faults that resolver rules cover are
@@ -738,12 +886,12 @@ class Userfaultfd:
                 # uffd for the next server; a resolved page just continues.
                 for a in pending.addresses:
                     lib.uf_wake(self._fd, a & ~(C.PAGE_SIZE - 1), C.PAGE_SIZE)
-            with anyio.CancelScope(shield=True):
-                # Cancelling a poll-armed read completes at once; file reads finish quickly.
-                # uf_engine_stop waits for every completion (GIL released by cffi).
-                rc = lib.uf_engine_stop(e)
-                if rc < 0:
-                    raise error_for(-rc, "io_uring", "stopping the engine")
+            # Not awaited, so cancellation cannot interrupt it: cancelling a poll-armed read
+            # completes at once and file reads finish quickly, so this blocks the loop only
+            # briefly; uf_engine_stop waits for every completion (the GIL is released).
+            rc = lib.uf_engine_stop(e)
+            if rc < 0:
+                raise error_for(-rc, "io_uring", "stopping the engine")
 
     @contextlib.asynccontextmanager
     async def serving(self, *, thread: bool | None = None) -> AsyncIterator[Userfaultfd]:
@@ -786,12 +934,14 @@ class Userfaultfd:
             raise UnhandledFault(
                 f"{len(batch)} fault(s) (first at {batch.addresses[0]:#x}) reached Python but no "
                 "handler is installed: add a resolver rule or an on_fault handler. The faulting "
-                "threads were woken to fault again and wait for the next server (no data is lost).")
+                "threads were woken to fault again and wait for the next server (no data is lost)."
+            )
         await self._fault_handler(batch)
         self._pending = None
 
-    async def _deliver_event(self, ev: int, a: int, b: int, c: int,
-                             tg: anyio.abc.TaskGroup) -> None:
+    async def _deliver_event(
+        self, ev: int, a: int, b: int, c: int, tg: anyio.abc.TaskGroup
+    ) -> None:
         self._stats_py["events_py"] += 1
         event: AnyEvent
         if ev == Event.FORK:
@@ -814,8 +964,11 @@ class Userfaultfd:
             event = UnmapEvent(self, a, b)
         elif ev == Event.ERROR:
             err = -(a - (1 << 64) if a >= 1 << 63 else a)
-            what = {C.FAIL_READ: "reading the uffd", C.FAIL_RESOLVE: "resolving a fault",
-                    C.FAIL_FILE: "reading the snapshot file"}.get(c, "engine")
+            what = {
+                C.FAIL_READ: "reading the uffd",
+                C.FAIL_RESOLVE: "resolving a fault",
+                C.FAIL_FILE: "reading the snapshot file",
+            }.get(c, "engine")
             exc = error_for(err, f"engine: {what}", f"address {b:#x}")
             event = ErrorEvent(self, exc, b, c)
             if c == C.FAIL_READ:

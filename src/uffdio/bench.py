@@ -33,14 +33,17 @@ from ._constants import PAGE_SIZE, Mode
 from ._errors import check
 from ._lib import ffi, lib
 from ._target import Target
-from ._uffd import FaultBatch, Userfaultfd
+from ._uffd import FaultBatch
 
 PATHS = ("floor", "resolver", "coroutine")
 
 PLACEMENTS = {
     # name: (target cpu, manager cpu, description)
-    "same": (0, 0, "target and every manager thread (event loop, engine thread, floor thread) "
-                   "pinned to CPU 0"),
+    "same": (
+        0,
+        0,
+        "target and every manager thread (event loop, engine thread, floor thread) pinned to CPU 0",
+    ),
     "split": (0, 1, "target pinned to CPU 0; every manager thread pinned to CPU 1"),
     "none": (None, None, "no pinning: the scheduler places every thread"),
 }
@@ -53,8 +56,12 @@ def add_parser(sub: Any) -> None:
     f = bsub.add_parser("faults", help="fault round trip: bare C floor vs C resolver vs coroutine")
     f.add_argument("--pages", type=int, default=20000, help="faults per path and round")
     f.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
-    f.add_argument("--placement", choices=sorted(PLACEMENTS), default="same",
-                   help="CPU placement, the same for all paths (default: same)")
+    f.add_argument(
+        "--placement",
+        choices=sorted(PLACEMENTS),
+        default="same",
+        help="CPU placement, the same for all paths (default: same)",
+    )
     f.add_argument("--json", action="store_true", help="print only JSON")
     f.set_defaults(func=run_faults)
 
@@ -64,7 +71,7 @@ def _percentile(sorted_us: list[float], q: float) -> float:
     return sorted_us[i]
 
 
-def _summary(lat_ns: array) -> dict[str, float]:
+def _summary(lat_ns: array[int]) -> dict[str, float]:
     us = sorted(x / 1000.0 for x in lat_ns)
     return {
         "median_us": round(statistics.median(us), 2),
@@ -74,8 +81,9 @@ def _summary(lat_ns: array) -> dict[str, float]:
     }
 
 
-async def _one(path: str, pages: int, tcpu: int | None, mcpu: int | None,
-               src: bytearray, srcaddr: int) -> array:
+async def _one(
+    path: str, pages: int, tcpu: int | None, mcpu: int | None, src: bytearray, srcaddr: int
+) -> array[int]:
     """Serve ``pages`` faults of a fresh target by ``path``; return per-touch latencies (ns)."""
     length = pages * PAGE_SIZE
     with Target(cpu=tcpu) as t, tempfile.NamedTemporaryFile(prefix="uffdio-lat-") as lf:
@@ -98,6 +106,7 @@ async def _one(path: str, pages: int, tcpu: int | None, mcpu: int | None,
                 if path == "resolver":
                     u.resolver.buffer(addr, memoryview(src)[:length])
                 else:
+
                     def resolve(batch: FaultBatch) -> None:
                         for a in batch.addresses:
                             u.copy_nowait(a & ~(PAGE_SIZE - 1), srcaddr, PAGE_SIZE)
@@ -111,20 +120,25 @@ async def _one(path: str, pages: int, tcpu: int | None, mcpu: int | None,
                 st = u.statistics()
                 key = "resolved" if path == "resolver" else "forwarded"
                 if st[key] < pages:
-                    raise RuntimeError(f"{path}: {st[key]} of {pages} faults went the "
-                                       f"expected way: {st}")
-        lat = array("Q")
-        lat.frombytes(open(lf.name, "rb").read())
+                    raise RuntimeError(
+                        f"{path}: {st[key]} of {pages} faults went the expected way: {st}"
+                    )
+        lat: array[int] = array("Q")
+        with open(lf.name, "rb") as f:
+            lat.frombytes(f.read())
         return lat
 
 
-async def bench_faults(pages: int, rounds: int, placement: str,
-                       progress: Any = None) -> dict[str, Any]:
+async def bench_faults(
+    pages: int, rounds: int, placement: str, progress: Any = None
+) -> dict[str, Any]:
     tcpu, mcpu, desc = PLACEMENTS[placement]
     ncpu = os.cpu_count() or 1
     if mcpu is not None and mcpu >= ncpu or tcpu is not None and tcpu >= ncpu:
-        raise SystemExit(f"placement {placement!r} needs {max(mcpu or 0, tcpu or 0) + 1} CPUs; "
-                         f"this machine has {ncpu}: use --placement same or none")
+        raise SystemExit(
+            f"placement {placement!r} needs {max(mcpu or 0, tcpu or 0) + 1} CPUs; "
+            f"this machine has {ncpu}: use --placement same or none"
+        )
     old_aff = os.sched_getaffinity(0)
     if mcpu is not None:
         os.sched_setaffinity(0, {mcpu})  # threads started from here on inherit it
@@ -133,7 +147,7 @@ async def bench_faults(pages: int, rounds: int, placement: str,
         src = bytearray(pages * PAGE_SIZE)
         srcaddr = int(ffi.cast("uintptr_t", ffi.from_buffer(src)))
         lib.uf_pattern(srcaddr, len(src), 1, srcaddr)
-        pooled: dict[str, array] = {p: array("Q") for p in PATHS}
+        pooled: dict[str, array[int]] = {p: array("Q") for p in PATHS}
         per_round: list[dict[str, float]] = []
         for r in range(rounds):
             row: dict[str, float] = {}
@@ -144,22 +158,31 @@ async def bench_faults(pages: int, rounds: int, placement: str,
                 pooled[p].extend(lat)
                 row[p] = round(statistics.median(lat) / 1000.0, 2)
                 if progress:
-                    progress(f"round {r + 1}/{rounds} {p:9s} median {row[p]:7.2f} us "
-                             f"({time.perf_counter() - t0:.1f} s)")
+                    progress(
+                        f"round {r + 1}/{rounds} {p:9s} median {row[p]:7.2f} us "
+                        f"({time.perf_counter() - t0:.1f} s)"
+                    )
             per_round.append(row)
     finally:
         os.sched_setaffinity(0, old_aff)
     res: dict[str, Any] = {
         "pages": pages,
         "rounds": rounds,
-        "placement": {"name": placement, "description": desc, "target_cpu": tcpu,
-                      "manager_cpu": mcpu},
+        "placement": {
+            "name": placement,
+            "description": desc,
+            "target_cpu": tcpu,
+            "manager_cpu": mcpu,
+        },
         "paths": {},
         "median_us_per_round": per_round,
-        "machine": {"kernel": platform.release(), "cpus": ncpu,
-                    "python": platform.python_version()},
+        "machine": {
+            "kernel": platform.release(),
+            "cpus": ncpu,
+            "python": platform.python_version(),
+        },
         "note": "latency of one touch of a missing page, timed in the target; "
-                "ratio = path median / floor median, all paths in this run",
+        "ratio = path median / floor median, all paths in this run",
     }
     floor = _summary(pooled["floor"])
     res["paths"]["floor"] = floor
@@ -179,11 +202,12 @@ def run_faults(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(res, indent=2))
     else:
-        print(f"{res['pages']} faults x {res['rounds']} rounds; placement: "
-              f"{res['placement']['description']}")
+        print(
+            f"{res['pages']} faults x {res['rounds']} rounds; placement: "
+            f"{res['placement']['description']}"
+        )
         print(f"{'path':10s} {'median us':>10s} {'p99 us':>10s} {'ratio':>7s}")
         for p in PATHS:
             s = res["paths"][p]
-            print(f"{p:10s} {s['median_us']:10.2f} {s['p99_us']:10.2f} "
-                  f"{s.get('ratio', 1.0):7.2f}")
+            print(f"{p:10s} {s['median_us']:10.2f} {s['p99_us']:10.2f} {s.get('ratio', 1.0):7.2f}")
     return 0
