@@ -30,3 +30,15 @@ lint: setup
 
 clean:
 	rm -rf build $(VENV) src/*.egg-info src/uffdio/_native*.so src/uffdio/_native.c
+
+# The C core under AddressSanitizer + UBSan, in a separate venv (non-editable install, so the
+# normal build is untouched).  Runs the fast tests.
+test-asan: setup
+	test -x .venv-asan/bin/python || python3 -m venv .venv-asan
+	UFFDIO_CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -g" \
+		.venv-asan/bin/python -m pip install -q --force-reinstall --no-deps . && \
+		.venv-asan/bin/python -m pip install -q '.[test]'
+	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so) \
+		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		UFFDIO_SKIP_SLOW=1 ../.venv-asan/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
+		--rootdir=.. -c ../pyproject.toml .

@@ -7,6 +7,7 @@ declarations exist once.
 liburing is found with pkg-config.  Override with the environment variables
 UFFDIO_LIBURING_CFLAGS and UFFDIO_LIBURING_LIBS (for a liburing built from
 source, e.g. ``-I/opt/liburing/include`` and ``-L/opt/liburing/lib -luring``).
+UFFDIO_CFLAGS adds compile and link flags (``make test-asan`` uses it for sanitizers).
 """
 
 from __future__ import annotations
@@ -54,6 +55,8 @@ def _cdef() -> str:
 
 
 cflags, libs = _liburing_flags()
+# extra flags for instrumented builds, e.g. UFFDIO_CFLAGS="-fsanitize=address,undefined -g"
+extra = shlex.split(os.environ.get("UFFDIO_CFLAGS", ""))
 ffibuilder = FFI()
 ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
@@ -61,8 +64,8 @@ ffibuilder.set_source(
     '#include "uffdio.h"',
     sources=[f"csrc/{n}" for n in ("ops.c", "engine.c", "floor.c", "target.c")],
     include_dirs=["csrc"],
-    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-std=gnu11", *cflags],
-    extra_link_args=[*libs, "-lpthread"],
+    extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-std=gnu11", *cflags, *extra],
+    extra_link_args=[*libs, "-lpthread", *extra],
 )
 
 if __name__ == "__main__":

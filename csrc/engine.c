@@ -798,8 +798,9 @@ uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int
 		rc = -errno;
 		goto fail;
 	}
-	e->rdbuf = aligned_alloc(UF_PAGE, BUFMSGS * sizeof(struct uf_msg));
-	if (!e->rdbuf) {
+	/* posix_memalign, not aligned_alloc: C11 wants the size a multiple of the alignment */
+	if (posix_memalign((void **)&e->rdbuf, UF_PAGE, BUFMSGS * sizeof(struct uf_msg))) {
+		e->rdbuf = NULL;
 		rc = -ENOMEM;
 		goto fail;
 	}
@@ -808,7 +809,8 @@ uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int
 		size_t i;
 		e->br_size = (NBUFS * sizeof(struct io_uring_buf) + UF_PAGE - 1) & ~(UF_PAGE - 1);
 		e->br = mmap(NULL, e->br_size, PROT_READ | PROT_WRITE, MAP_ANONYMOUS | MAP_PRIVATE, -1, 0);
-		e->bufs = aligned_alloc(UF_PAGE, NBUFS * BUFMSGS * sizeof(struct uf_msg));
+		if (posix_memalign((void **)&e->bufs, UF_PAGE, NBUFS * BUFMSGS * sizeof(struct uf_msg)))
+			e->bufs = NULL;
 		if (e->br != MAP_FAILED && e->bufs) {
 			io_uring_buf_ring_init(e->br);
 			reg.ring_addr = (uint64_t)(uintptr_t)e->br;
