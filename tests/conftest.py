@@ -59,3 +59,29 @@ def pattern(as_addr: int, length: int, seed: int) -> bytearray:
     buf = bytearray(length)
     lib.uf_pattern(int(ffi.cast("uintptr_t", ffi.from_buffer(buf))), length, seed, as_addr)
     return buf
+
+
+def _kernel() -> tuple[int, int]:
+    rel = os.uname().release.split("-")[0].split(".")
+    return int(rel[0]), int(rel[1])
+
+
+def requires(features: int = 0, *, root: bool = False,
+             kernel: tuple[int, int] | None = None) -> pytest.MarkDecorator:
+    """Feature gate in the manner of the kernel's uffd-unit-tests: a test declares the
+    userfaultfd features, privileges and kernel it needs, and is skipped with the reason
+    when this machine lacks them."""
+    reasons = []
+    try:
+        avail, _ = uffdio.Userfaultfd.probe()
+    except uffdio.UffdError as exc:
+        avail = uffdio.Feature(0)
+        reasons.append(f"no userfaultfd: {exc}")
+    missing = uffdio.Feature(features) & ~avail
+    if missing:
+        reasons.append(f"kernel lacks {missing!r}")
+    if root and os.geteuid() != 0:
+        reasons.append("needs root")
+    if kernel and _kernel() < kernel:
+        reasons.append(f"needs Linux {kernel[0]}.{kernel[1]}+")
+    return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "ok")
