@@ -41,7 +41,7 @@ int uf_open(int flags, int *via_devnode)
 		if (flags & UF_OPEN_SYSCALL_ONLY)
 			return sys_err;
 	}
-	/* /dev/userfaultfd (5.11+): access is controlled by the file mode, and
+	/* /dev/userfaultfd (6.1+): access is controlled by the file mode, and
 	 * it grants kernel-mode fault handling without vm.unprivileged_userfaultfd. */
 	dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
 	if (dev < 0)

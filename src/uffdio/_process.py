@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ._errors import UffdRangeError, check
+from ._errors import UffdRangeError, check, error_for
 from ._lib import ffi, lib
 
 RangeList = Sequence[tuple[int, int]]
@@ -103,7 +103,20 @@ def pagemap_scan(
 ) -> tuple[list[tuple[int, int, int]], int]:
     """PAGEMAP_SCAN (6.7+) on /proc/PID/pagemap: ([(start, end, categories)], walk_end)."""
     path = f"/proc/{pid}/pagemap"
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise error_for(
+            exc.errno or errno.EIO,
+            "PAGEMAP_SCAN",
+            f"open {path}: {exc.strerror}"
+            + (
+                " (ptrace rights over the process are needed; a process that "
+                "changed uid is not dumpable)"
+                if exc.errno in (errno.EACCES, errno.EPERM)
+                else ""
+            ),
+        ) from None
     try:
         scan = ffi.new("struct uf_scan *")
         scan.start, scan.end, scan.flags, scan.max_pages = start, end, flags, max_pages

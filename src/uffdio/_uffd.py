@@ -331,6 +331,10 @@ class Userfaultfd:
         #: False forces the re-armed single READ used on older kernels.  Set before the
         #: engine exists (before the first rule or serve()).
         self.multishot = True
+        #: see register(): keep MISSING ranges out of forked children when the uffd has no
+        #: EVENT_FORK (True, the safe default), or let children inherit them (False: only
+        #: for ranges whose pages are never missing when the process forks).
+        self.dontfork_without_event_fork = True
         #: io_uring submission queue entries of the engine's ring
         self.ring_entries = 256
         self._thread_mode = False
@@ -352,7 +356,10 @@ class Userfaultfd:
         feats = ffi.new("uint64_t *")
         ioctls = ffi.new("uint64_t *")
         flags = C_OPEN_USER_MODE_ONLY if user_mode_only else 0
-        check(lib.uf_probe(flags, feats, ioctls), "userfaultfd")
+        rc = lib.uf_probe(flags, feats, ioctls)
+        if user_mode_only is None and rc in (-errno.EPERM, -errno.EACCES):
+            rc = lib.uf_probe(C_OPEN_USER_MODE_ONLY, feats, ioctls)  # as open() falls back
+        check(rc, "userfaultfd")
         return Feature(feats[0]), Ioctl(ioctls[0])
 
     @classmethod
@@ -520,6 +527,20 @@ class Userfaultfd:
         if mode & Mode.WP and not self.features & Feature.PAGEFAULT_FLAG_WP and self.own_mm:
             raise error_for(
                 errno.EINVAL, "UFFDIO_REGISTER", "WP mode needs Feature.PAGEFAULT_FLAG_WP at open()"
+            )
+        if (
+            self.own_mm
+            and mode & Mode.MISSING
+            and not self.features & Feature.EVENT_FORK
+            and self.dontfork_without_event_fork
+        ):
+            # Without EVENT_FORK a forked child's copy of this range is unregistered, so its
+            # missing pages would read as ZEROS there.  MADV_DONTFORK keeps the range out of
+            # children: an access there is a SIGSEGV in the child, never wrong data.
+            check(
+                lib.uf_madvise(start, length, MADV_DONTFORK),
+                "madvise(MADV_DONTFORK)",
+                f"{start:#x}+{length:#x}",
             )
         out = ffi.new("uint64_t *")
         check(
@@ -991,3 +1012,4 @@ class Userfaultfd:
 
 
 C_OPEN_USER_MODE_ONLY = 1
+MADV_DONTFORK = 10
