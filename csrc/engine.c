@@ -65,6 +65,12 @@
 #include "uffdio.h"
 
 #define UF_PAGE 4096ULL
+
+/* ops.c */
+int uf_copy_all_counted(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode,
+			uint64_t *done, uint64_t *eexist);
+int uf_zeropage_all_counted(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done,
+			    uint64_t *eexist);
 #define UD(kind, idx) (((uint64_t)(kind) << 56) | (uint64_t)(idx))
 #define UD_KIND(ud) ((unsigned)((ud) >> 56))
 #define UD_IDX(ud) ((ud) & ((1ULL << 56) - 1))
@@ -112,6 +118,13 @@ struct uf_engine {
 	struct rule *rules;
 	size_t nrules, caprules;
 	uint64_t epoch;
+	/* rules as they were at each FORK message, until the child's engine adopts them */
+	struct forksnap {
+		int fd;
+		struct rule *rules;
+		size_t n;
+	} *forks;
+	size_t nforks;
 
 	/* file reads */
 	struct slot slots[NSLOTS];
@@ -177,6 +190,36 @@ static void report(uf_engine *e, int err, uint64_t addr, int what)
 
 	STAT_ADD(errors, 1);
 	forward(e, &m);
+}
+
+/* Put records that Python took but could not deliver (its server stopped) back at the
+ * front of the queue, in order, for the next server. */
+int uf_engine_unshift(uf_engine *e, const struct uf_msg *msgs, size_t n)
+{
+	size_t i;
+
+	pthread_mutex_lock(&e->q_lock);
+	if (e->qlen + n > e->qcap) {
+		size_t ncap = (e->qlen + n) * 2;
+		struct uf_msg *nq = malloc(ncap * sizeof(*nq));
+		if (!nq) {
+			pthread_mutex_unlock(&e->q_lock);
+			return -ENOMEM;
+		}
+		for (i = 0; i < e->qlen; i++)
+			nq[i] = e->q[(e->qhead + i) % e->qcap];
+		free(e->q);
+		e->q = nq;
+		e->qcap = ncap;
+		e->qhead = 0;
+	}
+	for (i = n; i-- > 0;) {
+		e->qhead = (e->qhead + e->qcap - 1) % e->qcap;
+		e->q[e->qhead] = msgs[i];
+		e->qlen++;
+	}
+	pthread_mutex_unlock(&e->q_lock);
+	return 0;
 }
 
 size_t uf_engine_take(uf_engine *e, struct uf_msg *out, size_t max)
@@ -309,6 +352,35 @@ int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len)
 	return rc;
 }
 
+/* Give the engine of a forked child the parent's rules as they were when the FORK
+ * message was processed (later events of the parent must not leak into the child).
+ * Returns 1 when a snapshot was found, 0 when the current rules were copied instead. */
+int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd)
+{
+	struct forksnap snap = { -1, NULL, 0 };
+	size_t i;
+	int rc = 0, found = 0;
+
+	pthread_mutex_lock(&src->rules_lock);
+	for (i = 0; i < src->nforks; i++) {
+		if (src->forks[i].fd == child_fd) {
+			snap = src->forks[i];
+			src->forks[i] = src->forks[--src->nforks];
+			found = 1;
+			break;
+		}
+	}
+	pthread_mutex_unlock(&src->rules_lock);
+	if (!found)
+		return uf_rules_copy(dst, src) < 0 ? -ENOMEM : 0;
+	pthread_mutex_lock(&dst->rules_lock);
+	for (i = 0; i < snap.n && rc == 0; i++)
+		rc = rules_insert(dst, &snap.rules[i]);
+	pthread_mutex_unlock(&dst->rules_lock);
+	free(snap.rules);
+	return rc < 0 ? rc : 1;
+}
+
 size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len)
 {
 	size_t i, n = 0;
@@ -349,6 +421,20 @@ static void rules_event(uf_engine *e, const struct uf_msg *m)
 {
 	pthread_mutex_lock(&e->rules_lock);
 	switch (m->event) {
+	case UFFD_EVENT_FORK: { /* a = the child's uffd: snapshot the rules as of the fork */
+		struct forksnap *nf = realloc(e->forks, (e->nforks + 1) * sizeof(*nf));
+		if (nf) {
+			e->forks = nf;
+			nf[e->nforks].fd = (int)(uint32_t)m->a;
+			nf[e->nforks].n = e->nrules;
+			nf[e->nforks].rules = malloc((e->nrules ? e->nrules : 1) * sizeof(struct rule));
+			if (nf[e->nforks].rules) {
+				memcpy(nf[e->nforks].rules, e->rules, e->nrules * sizeof(struct rule));
+				e->nforks++;
+			}
+		}
+		break;
+	}
 	case UFFD_EVENT_REMOVE: { /* a = start, b = end: the app discarded the data */
 		struct rule z = { .start = m->a, .end = m->b, .kind = UF_RULE_ZERO, .fd = -1, .chunk = 1 };
 		size_t i = rules_lower(e, m->a);
@@ -511,6 +597,26 @@ static int lookup(uf_engine *e, uint64_t addr, struct rule *out, uint64_t *epoch
 /* The outcome of a fill: resolved, deferred (EAGAIN), or failed.  ESRCH (the
  * target exited) and ENOENT (the mapping is gone) void the fault: nobody is
  * left waiting on it. */
+static int copy_counted(uf_engine *e, uint64_t dst, uint64_t src, uint64_t len, uint64_t *done)
+{
+	uint64_t ex = 0;
+	int rc = uf_copy_all_counted(e->uffd, dst, src, len, 0, done, &ex);
+
+	if (ex)
+		STAT_ADD(eexist, ex);
+	return rc;
+}
+
+static int zeropage_counted(uf_engine *e, uint64_t dst, uint64_t len, uint64_t *done)
+{
+	uint64_t ex = 0;
+	int rc = uf_zeropage_all_counted(e->uffd, dst, len, 0, done, &ex);
+
+	if (ex)
+		STAT_ADD(eexist, ex);
+	return rc;
+}
+
 static void fill_outcome(uf_engine *e, const struct uf_msg *m, uint64_t addr, int rc, uint64_t done)
 {
 	if (rc == 0 || done >= UF_PAGE) {
@@ -522,8 +628,12 @@ static void fill_outcome(uf_engine *e, const struct uf_msg *m, uint64_t addr, in
 		defer(e, m);
 		return;
 	}
-	if (rc == -ESRCH || rc == -ENOENT)
+	if (rc == -ESRCH)
+		return; /* the target exited: nobody waits */
+	if (rc == -ENOENT) { /* fill_all woke the range: the thread retries the access */
+		STAT_ADD(retried, 1);
 		return;
+	}
 	report(e, rc, addr, UF_FAIL_RESOLVE);
 	forward(e, m);
 }
@@ -544,11 +654,11 @@ static void handle_fault(uf_engine *e, const struct uf_msg *m)
 
 	switch (r.kind) {
 	case UF_RULE_ZERO:
-		rc = uf_zeropage_all(e->uffd, addr, len, 0, &done);
+		rc = zeropage_counted(e, addr, len, &done);
 		fill_outcome(e, m, addr, rc, done);
 		return;
 	case UF_RULE_BUFFER:
-		rc = uf_copy_all(e->uffd, addr, r.src + (addr - r.start), len, 0, &done);
+		rc = copy_counted(e, addr, r.src + (addr - r.start), len, &done);
 		fill_outcome(e, m, addr, rc, done);
 		return;
 	case UF_RULE_FILE: {
@@ -616,10 +726,20 @@ static void file_done(uf_engine *e, unsigned i, int res)
 	rc = (s->epoch != e->epoch);
 	pthread_mutex_unlock(&e->rules_lock);
 	if (rc) { /* an event changed the rules while the read was in flight: decide again */
-		handle_fault(e, &m);
+		struct rule r;
+		uint64_t ep;
+		if (lookup(e, s->dst, &r, &ep)) {
+			handle_fault(e, &m);
+		} else {
+			/* no rule any more (unmapped, or handed to Python): wake the thread; if
+			 * the page is still missing and registered it faults again and that
+			 * message is decided afresh - nothing stale is installed */
+			uf_wake(e->uffd, s->dst, UF_PAGE);
+			STAT_ADD(retried, 1);
+		}
 		return;
 	}
-	rc = uf_copy_all(e->uffd, s->dst, (uint64_t)(uintptr_t)s->buf, s->len, 0, &done);
+	rc = copy_counted(e, s->dst, (uint64_t)(uintptr_t)s->buf, s->len, &done);
 	fill_outcome(e, &m, s->dst, rc, done);
 }
 
@@ -946,6 +1066,9 @@ void uf_engine_free(uf_engine *e)
 	free(e->rdbuf);
 	for (i = 0; i < NSLOTS; i++)
 		free(e->slots[i].buf);
+	for (i = 0; i < (int)e->nforks; i++)
+		free(e->forks[i].rules);
+	free(e->forks);
 	free(e->rules);
 	free(e->deferred);
 	free(e->q);

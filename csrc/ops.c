@@ -201,7 +201,7 @@ static int zp_adapter(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t
 }
 
 static int fill_all(fill_fn fn, int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode,
-		    uint64_t dontwake, uint64_t *done)
+		    uint64_t dontwake, uint64_t *done, uint64_t *eexist)
 {
 	uint64_t off = 0;
 
@@ -220,9 +220,16 @@ static int fill_all(fill_fn fn, int fd, uint64_t dst, uint64_t src, uint64_t len
 		if (r == -EEXIST) {
 			if (!(mode & dontwake))
 				uf_wake(fd, dst + off, UF_PAGE);
+			if (eexist)
+				(*eexist)++;
 			off += UF_PAGE;
 			continue;
 		}
+		if (r == -ENOENT)
+			/* The mapping changed under us (munmap, mremap): munmap does not wake
+			 * threads waiting on the range, so wake them here; they retry the access
+			 * against the new mapping (and get SIGSEGV/EFAULT if it is gone). */
+			uf_wake(fd, dst + off, len - off);
 		if (done)
 			*done = off;
 		return r;
@@ -232,14 +239,28 @@ static int fill_all(fill_fn fn, int fd, uint64_t dst, uint64_t src, uint64_t len
 	return 0;
 }
 
+/* The engine's variants also count pages that were already mapped. */
+int uf_copy_all_counted(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode,
+			uint64_t *done, uint64_t *eexist)
+{
+	return fill_all(uf_copy, fd, dst, src, len, mode, UFFDIO_COPY_MODE_DONTWAKE, done, eexist);
+}
+
+int uf_zeropage_all_counted(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done,
+			    uint64_t *eexist)
+{
+	return fill_all(zp_adapter, fd, start, 0, len, mode, UFFDIO_ZEROPAGE_MODE_DONTWAKE, done,
+			eexist);
+}
+
 int uf_copy_all(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, uint64_t *done)
 {
-	return fill_all(uf_copy, fd, dst, src, len, mode, UFFDIO_COPY_MODE_DONTWAKE, done);
+	return uf_copy_all_counted(fd, dst, src, len, mode, done, NULL);
 }
 
 int uf_zeropage_all(int fd, uint64_t start, uint64_t len, uint64_t mode, uint64_t *done)
 {
-	return fill_all(zp_adapter, fd, start, 0, len, mode, UFFDIO_ZEROPAGE_MODE_DONTWAKE, done);
+	return uf_zeropage_all_counted(fd, start, len, mode, done, NULL);
 }
 
 /* ---- other processes ---------------------------------------------------------- */

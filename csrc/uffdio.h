@@ -100,6 +100,7 @@ struct uf_engine_stats {
 	uint64_t msgs, faults, resolved, forwarded, events;
 	uint64_t eexist, eagain, errors, file_reads, batches, rearms, deferred_now, inflight;
 	uint64_t multishot, thread;
+	uint64_t retried; /* woken to fault again because the mapping changed under it */
 };
 
 uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int *err);
@@ -107,6 +108,7 @@ int uf_engine_notify_fd(uf_engine *e);
 int uf_engine_start(uf_engine *e, int thread);
 int uf_engine_poll(uf_engine *e);
 size_t uf_engine_take(uf_engine *e, struct uf_msg *out, size_t max);
+int uf_engine_unshift(uf_engine *e, const struct uf_msg *msgs, size_t n);
 int uf_engine_stop(uf_engine *e);
 void uf_engine_free(uf_engine *e);
 void uf_engine_get_stats(uf_engine *e, struct uf_engine_stats *out);
@@ -115,6 +117,7 @@ int uf_rules_add(uf_engine *e, uint64_t start, uint64_t len, int kind, uint64_t 
 int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len);
 size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len);
 int uf_rules_copy(uf_engine *dst, uf_engine *src);
+int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd);
 size_t uf_rules_count(uf_engine *e);
 
 /* ---- the floor: the simplest correct handler, for benchmarks ------------------- */

@@ -252,11 +252,6 @@ async def test_eexist_duplicate_messages_served(target, thread, how):
         assert st["forwarded"] == 4 and copies == [PAGE] * 4
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: the engine never increments its 'eexist' counter (engine.c has no "
-    "STAT_ADD(eexist); uf_copy_all hides EEXIST), so statistics()['eexist'] is always 0",
-)
 @requires(root=True)
 @pytest.mark.asyncio
 async def test_eexist_is_counted(target):

@@ -163,11 +163,6 @@ def test_register_unmapped_range_without_dontfork():
         assert_clear(ei.value, uffdio.UffdRangeError, "UFFDIO_REGISTER")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Userfaultfd.register on an own uffd runs madvise(MADV_DONTFORK) first; "
-    "its ENOMEM on an unmapped range escapes as a bare UffdError with no Fix",
-)
 def test_register_unmapped_range_on_own_uffd():
     u = uffdio.Userfaultfd.open()
     m = lib.uf_mmap_anon(2 * PAGE)
@@ -313,11 +308,6 @@ def test_from_pid_of_a_closed_fd(target):
     assert_clear(ei.value, uffdio.UffdClosedError, "pidfd_getfd")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Userfaultfd.from_fd/from_pid adopt any fd; a non-uffd fails later with "
-    "ENOTTY and the misleading fix 'this kernel lacks the ioctl'",
-)
 def test_from_pid_of_a_fd_that_is_not_a_uffd(target):
     [addr] = target.cmd("map", PAGE)
     try:
@@ -380,11 +370,6 @@ async def test_unhandled_fault_raises_and_loses_nothing(target):
                 target.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: Userfaultfd.serve() raises UnhandledFault wrapped in anyio's "
-    "ExceptionGroup, so 'except UnhandledFault' around 'await u.serve()' never matches",
-)
 @pytest.mark.asyncio
 async def test_serve_raises_unhandled_fault_itself(target):
     addr, u = managed(target, 1)

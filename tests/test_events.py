@@ -143,12 +143,6 @@ async def test_fork_child_is_served(target, thread, how):
     assert child.closed  # closing the parent closes the uffds of its children
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a fork child's rules are copied when Python dispatches the ForkEvent "
-    "(_uffd.py _deliver_event -> uf_rules_copy), not at the fork: rule changes from later "
-    "parent events the engine already processed (madvise DONTNEED) leak into the child",
-)
 @pytest.mark.asyncio
 async def test_fork_child_gets_rules_as_of_the_fork(target):
     """Inline engine, loop held: the target forks (the child checks an unregistered page
@@ -486,11 +480,6 @@ def released_with_efault(out: list) -> bool:
     return len(out) == 2 and isinstance(out[1], uffdio.UffdError) and out[1].errno == EFAULT
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: engine.c fill_outcome() treats ENOENT (range munmapped) as 'nobody is "
-    "left waiting' and never wakes the faulting thread, which then sleeps until the uffd closes",
-)
 @pytest.mark.asyncio
 async def test_engine_wakes_fault_on_unmapped_page(target):
     """Inline engine, buffer rule.  While the event loop is held (so the engine cannot
@@ -522,12 +511,6 @@ async def test_engine_wakes_fault_on_unmapped_page(target):
         assert u.statistics()["errors"] == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: a file-rule fault whose range is munmapped while its read is in flight "
-    "is re-decided by engine.c file_done() and forwarded to Python: rules-only serving dies "
-    "with UnhandledFault and the faulting thread is never woken",
-)
 @MODES
 @pytest.mark.asyncio
 async def test_unmap_during_file_read_is_not_a_python_fault(target, thread):
@@ -559,12 +542,6 @@ async def test_unmap_during_file_read_is_not_a_python_fault(target, thread):
         os.close(w)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: UFFDIO_COPY's ENOENT (range munmapped) does not wake the faulting thread "
-    "(ops.c fill_all wakes only on EEXIST) and UffdMappingChanged's Fix says 'drop the work', "
-    "which leaves the thread asleep until the uffd closes",
-)
 @MODES
 @pytest.mark.asyncio
 async def test_handler_following_enoent_fix_releases_thread(target, thread):

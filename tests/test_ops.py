@@ -448,11 +448,6 @@ def test_process_madvise_dontneed_on_another_process_is_refused(target):
     assert target.cmd("check", addr, PAGE, 16) == [0]  # nothing was zapped
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: process_madvise EINVAL gets the generic ioctl/registration Fix text "
-    "instead of saying the advice is not allowed on another process",
-)
 def test_process_madvise_dontneed_error_says_why(target):
     [addr] = target.cmd("map", PAGE)
     pidfd = uffdio.pidfd_open(target.pid)

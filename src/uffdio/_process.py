@@ -81,8 +81,18 @@ def pidfd_getfd(pidfd: int, targetfd: int) -> int:
 def process_madvise(pidfd: int, ranges: RangeList, advice: int) -> int:
     """process_madvise with many ranges per call.  On another process the kernel accepts only
     COLD, PAGEOUT, WILLNEED and COLLAPSE; zaps (DONTNEED) must run inside the target."""
+    rc = lib.uf_process_madvise(pidfd, _flat(ranges), len(ranges), advice)
+    if rc == -errno.EINVAL:
+        raise UffdRangeError(
+            errno.EINVAL,
+            "process_madvise",
+            f"advice {advice} refused",
+            "on another process the kernel accepts only MADV_COLD, MADV_PAGEOUT, MADV_WILLNEED "
+            "and MADV_COLLAPSE; zaps (DONTNEED/FREE) must run inside the target; also check "
+            "that the ranges are page aligned and mapped",
+        )
     return check(
-        lib.uf_process_madvise(pidfd, _flat(ranges), len(ranges), advice),
+        rc,
         "process_madvise",
         f"advice {advice}",
     )

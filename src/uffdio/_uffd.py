@@ -8,6 +8,7 @@ import functools
 import math
 import os
 import socket
+import sys
 import time
 from array import array
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -21,6 +22,18 @@ from . import _constants as C
 from ._constants import Event, FaultFlag, Feature, Ioctl, Mode
 from ._errors import UffdClosedError, UffdError, UffdRangeError, UnhandledFault, check, error_for
 from ._lib import CData, ffi, lib
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member groups (task groups wrap what they
+    propagate); ``exc`` itself when there are several."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
 
 Buffer = Union[bytes, bytearray, memoryview, Any]
 RangeList = Sequence[tuple[int, int]]
@@ -422,6 +435,17 @@ class Userfaultfd:
         """Adopt ``fd``, a userfaultfd on which UFFDIO_API was already done (the fd is owned
         and closed by the new object).  ``features`` records what was negotiated."""
         try:
+            kind = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            kind = "anon_inode:[userfaultfd]"  # no /proc: let the kernel judge
+        if kind != "anon_inode:[userfaultfd]":
+            raise UffdRangeError(
+                errno.EINVAL,
+                "userfaultfd",
+                f"fd {fd} is {kind}, not a userfaultfd",
+                "pass the file descriptor of a userfaultfd",
+            )
+        try:
             os.set_blocking(fd, False)  # a blocking uffd makes io_uring reads fail with EINTR
         except OSError as exc:
             raise error_for(exc.errno or errno.EBADF, "userfaultfd", f"fd {fd}") from None
@@ -528,6 +552,13 @@ class Userfaultfd:
             raise error_for(
                 errno.EINVAL, "UFFDIO_REGISTER", "WP mode needs Feature.PAGEFAULT_FLAG_WP at open()"
             )
+        out = ffi.new("uint64_t *")
+        check(
+            lib.uf_register(self.fileno(), start, length, int(mode), out),
+            "UFFDIO_REGISTER",
+            f"{start:#x}+{length:#x} mode {Mode(mode)!r}",
+        )
+        self._ranges[start] = (length, Mode(mode))
         if (
             self.own_mm
             and mode & Mode.MISSING
@@ -537,18 +568,11 @@ class Userfaultfd:
             # Without EVENT_FORK a forked child's copy of this range is unregistered, so its
             # missing pages would read as ZEROS there.  MADV_DONTFORK keeps the range out of
             # children: an access there is a SIGSEGV in the child, never wrong data.
-            check(
-                lib.uf_madvise(start, length, MADV_DONTFORK),
-                "madvise(MADV_DONTFORK)",
-                f"{start:#x}+{length:#x}",
-            )
-        out = ffi.new("uint64_t *")
-        check(
-            lib.uf_register(self.fileno(), start, length, int(mode), out),
-            "UFFDIO_REGISTER",
-            f"{start:#x}+{length:#x} mode {Mode(mode)!r}",
-        )
-        self._ranges[start] = (length, Mode(mode))
+            rc = lib.uf_madvise(start, length, MADV_DONTFORK)
+            if rc < 0:
+                lib.uf_unregister(self._fd, start, length)
+                del self._ranges[start]
+                check(rc, "madvise(MADV_DONTFORK)", f"{start:#x}+{length:#x}")
         return Ioctl(out[0])
 
     def unregister(self, start: int, length: int) -> None:
@@ -827,6 +851,25 @@ class Userfaultfd:
     def statistics(self) -> dict[str, int]:
         """Counters of the engine (C) and the dispatcher (Python)."""
         out: dict[str, int] = dict(self._stats_py)
+        names = (
+            "msgs",
+            "faults",
+            "resolved",
+            "forwarded",
+            "events",
+            "eexist",
+            "eagain",
+            "errors",
+            "file_reads",
+            "batches",
+            "rearms",
+            "deferred_now",
+            "inflight",
+            "multishot",
+            "thread",
+            "retried",
+        )
+        out.update(dict.fromkeys(names, 0))
         if self._engine is not None:
             st = ffi.new("struct uf_engine_stats *")
             lib.uf_engine_get_stats(self._engine, st)
@@ -846,6 +889,7 @@ class Userfaultfd:
                 "inflight",
                 "multishot",
                 "thread",
+                "retried",
             ):
                 out[name] = int(getattr(st, name))
         return out
@@ -880,24 +924,30 @@ class Userfaultfd:
         raw = ffi.buffer(buf)
         inline = not thread
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                task_status.started()
-                while True:
-                    await anyio.wait_readable(nfd)
-                    try:
-                        os.read(nfd, 8)
-                    except BlockingIOError:
-                        pass
-                    if inline:
-                        lib.uf_engine_poll(e)
+            try:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    task_status.started()
                     while True:
-                        n = lib.uf_engine_take(e, buf, TAKE_MAX)
-                        if not n:
-                            break
-                        await self._dispatch(memoryview(raw[: n * 32]).cast("Q"), n, tg)
+                        await anyio.wait_readable(nfd)
+                        try:
+                            os.read(nfd, 8)
+                        except BlockingIOError:
+                            pass
                         if inline:
                             lib.uf_engine_poll(e)
+                        while True:
+                            n = lib.uf_engine_take(e, buf, TAKE_MAX)
+                            if not n:
+                                break
+                            await self._dispatch(memoryview(raw[: n * 32]).cast("Q"), n, tg)
+                            if inline:
+                                lib.uf_engine_poll(e)
+            except BaseExceptionGroup as eg:
+                inner = _sole(eg)
+                if inner is eg or isinstance(inner, anyio.get_cancelled_exc_class()):
+                    raise
+                raise inner from None
         finally:
             self._serving = False
             pending, self._pending = self._pending, None
@@ -919,33 +969,59 @@ class Userfaultfd:
         """``async with uffd.serving():`` serves faults for the duration of the block; on exit
         the engine is stopped and nothing is left running.  An error of the serving task
         (e.g. :class:`UnhandledFault`) propagates out of the block."""
-        async with anyio.create_task_group() as tg:
-            await tg.start(functools.partial(self.serve, thread=thread))
-            try:
-                yield self
-            finally:
-                tg.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as tg:
+                await tg.start(functools.partial(self.serve, thread=thread))
+                try:
+                    yield self
+                finally:
+                    tg.cancel_scope.cancel()
+        except BaseExceptionGroup as eg:
+            inner = _sole(eg)
+            if inner is eg or isinstance(inner, anyio.get_cancelled_exc_class()):
+                raise
+            raise inner from None
 
     async def _dispatch(self, words: memoryview, n: int, tg: anyio.abc.TaskGroup) -> None:
-        batch: FaultBatch | None = None
         # copy out first: the buffer is reused by the next take
         w = words.tolist()
-        for i in range(n):
-            ev = w[4 * i] & 0xFF
-            a, b, c = w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]
-            if ev == Event.PAGEFAULT:
-                if batch is None:
-                    batch = FaultBatch(self)
-                batch.addresses.append(b)
-                batch.flags.append(a)
-                batch.tids.append(c & 0xFFFFFFFF)
-                continue
+        rawb = words.tobytes()
+        batch: FaultBatch | None = None
+        done = 0  # records before this index were handed to a handler (or are in `batch`)
+        try:
+            for i in range(n):
+                ev = w[4 * i] & 0xFF
+                a, b, c = w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]
+                if ev == Event.PAGEFAULT:
+                    if batch is None:
+                        batch = FaultBatch(self)
+                    batch.addresses.append(b)
+                    batch.flags.append(a)
+                    batch.tids.append(c & 0xFFFFFFFF)
+                    done = i + 1
+                    continue
+                if batch is not None:
+                    pending, batch = batch, None
+                    done = i
+                    await self._deliver_faults(pending)
+                done = i + 1
+                await self._deliver_event(ev, a, b, c, tg)
             if batch is not None:
-                await self._deliver_faults(batch)
-                batch = None
-            await self._deliver_event(ev, a, b, c, tg)
-        if batch is not None:
-            await self._deliver_faults(batch)
+                pending, batch = batch, None
+                await self._deliver_faults(pending)
+        except BaseException:
+            # The server is going away mid-take.  A batch whose handler started is woken by
+            # serve(); a batch not yet handed over is woken here (its threads fault again);
+            # records after that go back to the engine's queue for the next server, so
+            # no event and no fault is dropped.
+            if batch is not None:
+                for addr in batch.addresses:
+                    lib.uf_wake(self._fd, addr & ~(C.PAGE_SIZE - 1), C.PAGE_SIZE)
+            if done < n and self._engine is not None:
+                rest = ffi.new("struct uf_msg[]", n - done)
+                ffi.buffer(rest)[:] = rawb[32 * done : 32 * n]
+                lib.uf_engine_unshift(self._engine, rest, n - done)
+            raise
 
     async def _deliver_faults(self, batch: FaultBatch) -> None:
         self._stats_py["batches_py"] += 1
@@ -971,7 +1047,7 @@ class Userfaultfd:
             child._event_handlers = {k: list(v) for k, v in self._event_handlers.items()}
             ce = child._engine_handle()
             if self._engine is not None:
-                check(lib.uf_rules_copy(ce, self._engine), "resolver.copy")
+                check(lib.uf_rules_adopt_fork(ce, self._engine, a & 0xFFFFFFFF), "resolver.copy")
             child.resolver._keep = self.resolver._keep
             child._thread_mode_hint = self._thread_mode
             self._children.append(child)
