@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 
-import uffdio
 from uffdio import Feature, Userfaultfd
 
 KEYS = {"kernel", "userfaultfd", "features", "ioctls", "privileges", "io_uring", "memory", "ok"}

@@ -4,7 +4,6 @@ two modes (C thread, inline), each serving a separate process's faults with cont
 from __future__ import annotations
 
 import pytest
-
 from conftest import PAGE, managed, pattern
 
 

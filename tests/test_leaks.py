@@ -17,7 +17,7 @@ import uffdio
 from uffdio._lib import ffi, lib
 
 if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
 MADV_DONTNEED = 4
 

@@ -4,7 +4,6 @@ coroutine, every byte checked in the target."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import PAGE, managed, pattern
 
 
