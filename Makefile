@@ -20,8 +20,9 @@ test-fast: setup
 
 bench: setup
 	@mkdir -p bench/results
-	$(PY) -m uffdio bench faults --json > bench/results/faults.json
-	@cat bench/results/faults.json
+	$(PY) -m uffdio bench faults --json > bench/results/faults-same.json
+	$(PY) -m uffdio bench faults --json --placement split > bench/results/faults-split.json
+	@cat bench/results/faults-same.json
 
 lint: setup
 	$(PY) -m pip install -q mypy ruff
