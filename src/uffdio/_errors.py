@@ -68,7 +68,7 @@ class RingError(UffdError):
 
 
 class UnhandledFault(RuntimeError):
-    """A fault reached Python but no handler was installed; the faulting thread stays blocked."""
+    """A fault reached Python with no handler; its threads were woken to fault again."""
 
 
 _PRIV_FIX = (

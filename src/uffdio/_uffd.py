@@ -400,12 +400,13 @@ class Userfaultfd:
         check(fd, "userfaultfd")
         try:
             avail, _ = cls.probe(user_mode_only=umo)
-            missing = Feature(features) & ~avail
+            missing = int(features) & ~int(avail)  # also bits this code has no name for
             if missing:
                 raise error_for(
                     errno.EINVAL,
                     "UFFDIO_API",
-                    f"the kernel lacks {missing!r} (it offers {avail!r})",
+                    f"the kernel lacks feature bits {Feature(missing)!r} ({missing:#x}); "
+                    f"it offers {avail!r}",
                 )
             want = int(features) | (int(optional) & int(avail))
             fout = ffi.new("uint64_t *")
