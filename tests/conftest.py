@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
+import anyio
 import pytest
 
 import uffdio
@@ -66,8 +68,9 @@ def _kernel() -> tuple[int, int]:
     return int(rel[0]), int(rel[1])
 
 
-def requires(features: int = 0, *, root: bool = False,
-             kernel: tuple[int, int] | None = None) -> pytest.MarkDecorator:
+def requires(
+    features: int = 0, *, root: bool = False, kernel: tuple[int, int] | None = None
+) -> pytest.MarkDecorator:
     """Feature gate in the manner of the kernel's uffd-unit-tests: a test declares the
     userfaultfd features, privileges and kernel it needs, and is skipped with the reason
     when this machine lacks them."""
@@ -85,3 +88,41 @@ def requires(features: int = 0, *, root: bool = False,
     if kernel and _kernel() < kernel:
         reasons.append(f"needs Linux {kernel[0]}.{kernel[1]}+")
     return pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "ok")
+
+
+# ---- helpers shared by the test modules -------------------------------------------------
+
+#: run a test in both engine modes: a C thread waits on the ring, or the event loop does
+MODES = pytest.mark.parametrize("thread", [True, False], ids=["thread", "inline"])
+
+
+async def until(pred, what: str, timeout: float = 10.0, step: float = 0.002):  # noqa: ASYNC109
+    """Poll ``pred()`` until it returns something truthy (bounded: no test hangs here)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(step)
+
+
+async def acmd(target, *args):
+    """A target command off the event loop (``Target.acmd`` abandons on cancellation, so a
+    command stuck in a fault nobody serves cannot hang a test; teardown kills the target)."""
+    return await target.acmd(*args)
+
+
+async def read_present(pid: int, addr: int, length: int) -> bytes:
+    """process_vm_readv, off the event loop and bounded.  Only for pages the target already
+    faulted in: a missing managed page would wait for the very resolution we provide."""
+    buf = bytearray(length)
+
+    def go() -> int:
+        return uffdio.read_memory(pid, [(addr, length)], buf)
+
+    with anyio.fail_after(10):
+        n = await anyio.to_thread.run_sync(go, abandon_on_cancel=True)
+    assert n == length
+    return bytes(buf)

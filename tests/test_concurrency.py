@@ -8,11 +8,10 @@ import functools
 import os
 import select
 import threading
-import time
 
 import anyio
 import pytest
-from conftest import PAGE, managed, pattern, requires
+from conftest import MODES, PAGE, acmd, managed, pattern, requires, until
 
 import uffdio
 from uffdio import Event
@@ -21,27 +20,8 @@ MADV_DONTNEED = 4
 
 pytestmark = pytest.mark.timeout(120)
 
-MODES = pytest.mark.parametrize("thread", [True, False], ids=["thread", "inline"])
-
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-async def until(pred, what: str, limit: float = 10.0):
-    deadline = time.monotonic() + limit
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.002)
-
-
-async def acmd(target, *args):
-    """``target.acmd`` that a timeout can abandon: a command stuck in a fault that nobody
-    serves any more must not hang the test (the target is killed at teardown)."""
-    return await anyio.to_thread.run_sync(target.cmd, *args, abandon_on_cancel=True)
 
 
 def wchan(pid: int, tid: int) -> str:

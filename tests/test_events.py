@@ -16,7 +16,7 @@ from errno import EFAULT
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import PAGE, pattern, requires
+from conftest import MODES, PAGE, acmd, pattern, read_present, requires, until
 
 import uffdio
 from uffdio import Event
@@ -24,8 +24,6 @@ from uffdio import Event
 MADV_DONTNEED = 4
 
 pytestmark = [requires(uffdio.EVENTS, root=True), pytest.mark.timeout(90)]
-
-MODES = pytest.mark.parametrize("thread", [True, False], ids=["thread", "inline"])
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -39,37 +37,6 @@ def events_managed(t, npages: int, spare: int = 0) -> tuple[int, uffdio.Userfaul
     assert u.features & uffdio.EVENTS == uffdio.EVENTS
     t.cmd("register", addr, npages * PAGE, int(uffdio.Mode.MISSING))
     return addr, u
-
-
-async def until(pred, what: str, limit: float = 10.0):
-    deadline = time.monotonic() + limit
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.002)
-
-
-async def acmd(target, *args):
-    """``target.acmd`` that a timeout can abandon: a command stuck in a fault that nobody
-    serves any more must not hang the test (the target is killed at teardown)."""
-    return await anyio.to_thread.run_sync(target.cmd, *args, abandon_on_cancel=True)
-
-
-async def read_present(pid: int, addr: int, length: int) -> bytes:
-    """process_vm_readv, off the event loop and bounded.  Only for pages the target already
-    faulted in: a missing managed page would wait for the very resolution we provide."""
-    buf = bytearray(length)
-
-    def go() -> int:
-        return uffdio.read_memory(pid, [(addr, length)], buf)
-
-    with anyio.fail_after(10):
-        n = await anyio.to_thread.run_sync(go, abandon_on_cancel=True)
-    assert n == length
-    return bytes(buf)
 
 
 def pages(addr: int, first: int, last: int) -> list[int]:

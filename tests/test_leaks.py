@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import PAGE, fd_count, managed, pattern
+from conftest import PAGE, fd_count, managed, pattern, until
 
 import uffdio
 from uffdio._lib import ffi, lib
@@ -38,14 +38,6 @@ def counts() -> dict[str, int]:
         "threads": len(os.listdir("/proc/self/task")),
         "maps": maps,
     }
-
-
-async def until(pred, what: str, timeout: float = 10.0):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 async def one_cycle(i: int, page: int, pool: ThreadPoolExecutor) -> None:

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import time
 
 import pytest
-from conftest import PAGE, managed, pattern, requires
+from conftest import PAGE, managed, pattern, requires, until
 
 import uffdio
 from uffdio import FaultFlag, Feature, Mode
@@ -30,18 +29,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-async def until(pred, what: str, timeout: float = 10.0, step: float = 0.002):
-    """Poll ``pred()`` until it returns something truthy (bounded: no test hangs here)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(step)
 
 
 def wchan(pid: int) -> str:

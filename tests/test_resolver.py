@@ -6,11 +6,10 @@ Every byte is checked in the target or read back after it was faulted in."""
 from __future__ import annotations
 
 import os
-import time
 
 import anyio
 import pytest
-from conftest import PAGE, managed, pattern, requires
+from conftest import MODES, PAGE, acmd, managed, pattern, read_present, requires, until
 
 import uffdio
 from uffdio import Event
@@ -19,40 +18,8 @@ MADV_DONTNEED = 4
 
 pytestmark = pytest.mark.timeout(90)
 
-MODES = pytest.mark.parametrize("thread", [True, False], ids=["thread", "inline"])
-
 
 # ---- helpers --------------------------------------------------------------------------------
-
-
-async def until(pred, what: str, limit: float = 10.0):
-    deadline = time.monotonic() + limit
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.002)
-
-
-async def acmd(target, *args):
-    """``target.acmd`` that a timeout can abandon: a command stuck in a fault that nobody
-    serves any more must not hang the test (the target is killed at teardown)."""
-    return await anyio.to_thread.run_sync(target.cmd, *args, abandon_on_cancel=True)
-
-
-async def read_present(pid: int, addr: int, length: int) -> bytes:
-    """process_vm_readv off the loop, bounded; only for pages the target already faulted in."""
-    buf = bytearray(length)
-
-    def go() -> int:
-        return uffdio.read_memory(pid, [(addr, length)], buf)
-
-    with anyio.fail_after(10):
-        n = await anyio.to_thread.run_sync(go, abandon_on_cancel=True)
-    assert n == length
-    return bytes(buf)
 
 
 def quiet(u):

@@ -5,37 +5,17 @@ serving task leaving nothing in the kernel's hands (statistics()["inflight"] == 
 from __future__ import annotations
 
 import functools
-import time
 
 import anyio
 import pytest
-from conftest import PAGE, managed, pattern
+from conftest import MODES, PAGE, acmd, managed, pattern, until
 
 pytestmark = pytest.mark.timeout(90)
-
-MODES = pytest.mark.parametrize("thread", [True, False], ids=["thread", "inline"])
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request) -> str:
     return request.param
-
-
-async def until(pred, what: str, limit: float = 10.0):
-    deadline = time.monotonic() + limit
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await anyio.sleep(0.002)
-
-
-async def acmd(target, *args):
-    """``target.acmd`` that a timeout can abandon: a command stuck in a fault that nobody
-    serves any more must not hang the test (the target is killed at teardown)."""
-    return await anyio.to_thread.run_sync(target.cmd, *args, abandon_on_cancel=True)
 
 
 @MODES

@@ -151,7 +151,7 @@ class Target:
 
     async def acmd(self, *args: Any) -> list[int]:
         """Run a command that may fault, off the event loop (the loop must keep serving)."""
-        return await anyio.to_thread.run_sync(self.cmd, *args)
+        return await anyio.to_thread.run_sync(self.cmd, *args, abandon_on_cancel=True)
 
     def open_uffd(self, features: int = 0, optional: int = 0) -> Any:
         """Create a uffd in the target and receive it here."""
