@@ -152,22 +152,36 @@ struct uf_engine {
 
 /* ---- queue to Python ----------------------------------------------------------- */
 
+/* Make room for `extra` more records (caller holds q_lock): the queue is a ring
+ * buffer, unrolled to the start of a bigger array when it grows. */
+static int q_reserve(uf_engine *e, size_t extra)
+{
+	size_t ncap, i;
+	struct uf_msg *nq;
+
+	if (e->qlen + extra <= e->qcap)
+		return 0;
+	ncap = e->qcap ? e->qcap : 256;
+	while (ncap < e->qlen + extra)
+		ncap *= 2;
+	nq = malloc(ncap * sizeof(*nq));
+	if (!nq)
+		return -ENOMEM;
+	for (i = 0; i < e->qlen; i++)
+		nq[i] = e->q[(e->qhead + i) % e->qcap];
+	free(e->q);
+	e->q = nq;
+	e->qcap = ncap;
+	e->qhead = 0;
+	return 0;
+}
+
 static int q_push(uf_engine *e, const struct uf_msg *m)
 {
 	pthread_mutex_lock(&e->q_lock);
-	if (e->qlen == e->qcap) {
-		size_t ncap = e->qcap ? e->qcap * 2 : 256, i;
-		struct uf_msg *nq = malloc(ncap * sizeof(*nq));
-		if (!nq) {
-			pthread_mutex_unlock(&e->q_lock);
-			return -ENOMEM;
-		}
-		for (i = 0; i < e->qlen; i++)
-			nq[i] = e->q[(e->qhead + i) % e->qcap];
-		free(e->q);
-		e->q = nq;
-		e->qcap = ncap;
-		e->qhead = 0;
+	if (q_reserve(e, 1) < 0) {
+		pthread_mutex_unlock(&e->q_lock);
+		return -ENOMEM;
 	}
 	e->q[(e->qhead + e->qlen) % e->qcap] = *m;
 	e->qlen++;
@@ -199,19 +213,9 @@ int uf_engine_unshift(uf_engine *e, const struct uf_msg *msgs, size_t n)
 	size_t i;
 
 	pthread_mutex_lock(&e->q_lock);
-	if (e->qlen + n > e->qcap) {
-		size_t ncap = (e->qlen + n) * 2;
-		struct uf_msg *nq = malloc(ncap * sizeof(*nq));
-		if (!nq) {
-			pthread_mutex_unlock(&e->q_lock);
-			return -ENOMEM;
-		}
-		for (i = 0; i < e->qlen; i++)
-			nq[i] = e->q[(e->qhead + i) % e->qcap];
-		free(e->q);
-		e->q = nq;
-		e->qcap = ncap;
-		e->qhead = 0;
+	if (q_reserve(e, n) < 0) {
+		pthread_mutex_unlock(&e->q_lock);
+		return -ENOMEM;
 	}
 	for (i = n; i-- > 0;) {
 		e->qhead = (e->qhead + e->qcap - 1) % e->qcap;
