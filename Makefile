@@ -40,6 +40,6 @@ test-asan: setup
 		.venv-asan/bin/python -m pip install -q --force-reinstall --no-deps . && \
 		.venv-asan/bin/python -m pip install -q '.[test]'
 	cd tests && LD_PRELOAD=$$(gcc -print-file-name=libasan.so):$$(gcc -print-file-name=libubsan.so) \
-		ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		UFFDIO_ASAN=1 ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:handle_sigbus=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		UFFDIO_SKIP_SLOW=1 ../.venv-asan/bin/python -m pytest -q -p no:cacheprovider -m "not slow" \
 		--rootdir=.. -c ../pyproject.toml .

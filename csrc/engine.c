@@ -433,7 +433,8 @@ static void rules_event(uf_engine *e, const struct uf_msg *m)
 			nf[e->nforks].n = e->nrules;
 			nf[e->nforks].rules = malloc((e->nrules ? e->nrules : 1) * sizeof(struct rule));
 			if (nf[e->nforks].rules) {
-				memcpy(nf[e->nforks].rules, e->rules, e->nrules * sizeof(struct rule));
+				if (e->nrules) /* memcpy from NULL is undefined even for 0 bytes */
+					memcpy(nf[e->nforks].rules, e->rules, e->nrules * sizeof(struct rule));
 				e->nforks++;
 			}
 		}

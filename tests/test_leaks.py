@@ -65,6 +65,10 @@ async def one_cycle(i: int, page: int, pool: ThreadPoolExecutor) -> None:
         assert lib.uf_madvise(page, PAGE, MADV_DONTNEED) == 0  # missing again
 
 
+@pytest.mark.skipif(
+    os.environ.get("UFFDIO_ASAN") == "1",
+    reason="ASan's allocator quarantines freed memory, so RSS is no leak measure there",
+)
 @pytest.mark.asyncio
 @pytest.mark.timeout(120)
 async def test_thousand_open_close_cycles_leak_nothing():
