@@ -852,46 +852,11 @@ class Userfaultfd:
     def statistics(self) -> dict[str, int]:
         """Counters of the engine (C) and the dispatcher (Python)."""
         out: dict[str, int] = dict(self._stats_py)
-        names = (
-            "msgs",
-            "faults",
-            "resolved",
-            "forwarded",
-            "events",
-            "eexist",
-            "eagain",
-            "errors",
-            "file_reads",
-            "batches",
-            "rearms",
-            "deferred_now",
-            "inflight",
-            "multishot",
-            "thread",
-            "retried",
-        )
-        out.update(dict.fromkeys(names, 0))
+        out.update(dict.fromkeys(_ENGINE_STATS, 0))
         if self._engine is not None:
             st = ffi.new("struct uf_engine_stats *")
             lib.uf_engine_get_stats(self._engine, st)
-            for name in (
-                "msgs",
-                "faults",
-                "resolved",
-                "forwarded",
-                "events",
-                "eexist",
-                "eagain",
-                "errors",
-                "file_reads",
-                "batches",
-                "rearms",
-                "deferred_now",
-                "inflight",
-                "multishot",
-                "thread",
-                "retried",
-            ):
+            for name in _ENGINE_STATS:
                 out[name] = int(getattr(st, name))
         return out
 
@@ -956,8 +921,7 @@ class Userfaultfd:
                 # A batch whose handler did not finish: wake its threads.  A woken thread
                 # whose page is still missing faults again, and that message waits in the
                 # uffd for the next server; a resolved page just continues.
-                for a in pending.addresses:
-                    lib.uf_wake(self._fd, a & ~(C.PAGE_SIZE - 1), C.PAGE_SIZE)
+                self._wake_batch(pending)
             # Not awaited, so cancellation cannot interrupt it: cancelling a poll-armed read
             # completes at once and file reads finish quickly, so this blocks the loop only
             # briefly; uf_engine_stop waits for every completion (the GIL is released).
@@ -1016,13 +980,18 @@ class Userfaultfd:
             # records after that go back to the engine's queue for the next server, so
             # no event and no fault is dropped.
             if batch is not None:
-                for addr in batch.addresses:
-                    lib.uf_wake(self._fd, addr & ~(C.PAGE_SIZE - 1), C.PAGE_SIZE)
+                self._wake_batch(batch)
             if done < n and self._engine is not None:
                 rest = ffi.new("struct uf_msg[]", n - done)
                 ffi.buffer(rest)[:] = rawb[32 * done : 32 * n]
                 lib.uf_engine_unshift(self._engine, rest, n - done)
             raise
+
+    def _wake_batch(self, batch: FaultBatch) -> None:
+        """Wake the threads of faults this server will not resolve: a thread whose page is
+        still missing faults again, and that message waits in the uffd for the next server."""
+        for addr in batch.addresses:
+            lib.uf_wake(self._fd, addr & ~(C.PAGE_SIZE - 1), C.PAGE_SIZE)
 
     async def _deliver_faults(self, batch: FaultBatch) -> None:
         self._stats_py["batches_py"] += 1
@@ -1087,6 +1056,26 @@ class Userfaultfd:
         """uffds of forked children, served in the parent's task group."""
         return list(self._children)
 
+
+#: the fields of struct uf_engine_stats (csrc/uffdio.h) that statistics() reports
+_ENGINE_STATS = (
+    "msgs",
+    "faults",
+    "resolved",
+    "forwarded",
+    "events",
+    "eexist",
+    "eagain",
+    "errors",
+    "file_reads",
+    "batches",
+    "rearms",
+    "deferred_now",
+    "inflight",
+    "multishot",
+    "thread",
+    "retried",
+)
 
 C_OPEN_USER_MODE_ONLY = 1
 MADV_DONTFORK = 10
