@@ -75,7 +75,7 @@ int uf_zeropage_all_counted(int fd, uint64_t start, uint64_t len, uint64_t mode,
 #define UD_KIND(ud) ((unsigned)((ud) >> 56))
 #define UD_IDX(ud) ((ud) & ((1ULL << 56) - 1))
 
-enum { UD_READ = 1, UD_FILE = 2, UD_TIMER = 3, UD_STOP = 4, UD_CANCEL = 5 };
+enum { UD_READ = 1, UD_FILE = 2, UD_TIMER = 3, UD_STOP = 4, UD_CANCEL = 5, UD_KICK = 6 };
 
 #define BGID 7
 #define NBUFS 16              /* provided buffers for the multishot read */
@@ -132,6 +132,11 @@ struct uf_engine {
 	/* faults to retry */
 	struct uf_msg *deferred;
 	size_t ndeferred, capdeferred;
+	/* faults on HOLD rules: retried when uf_rules_settle kicks the engine */
+	struct uf_msg *held;
+	size_t nheld, capheld;
+	int kick_fd, kick_armed;
+	uint64_t kick_buf;
 	int timer_armed;
 	struct __kernel_timespec retry_ts;
 
@@ -337,7 +342,7 @@ int uf_rules_add(uf_engine *e, uint64_t start, uint64_t len, int kind, uint64_t 
 
 	if ((start | len) & (UF_PAGE - 1) || !len || start + len < start)
 		return -EINVAL;
-	if (kind < UF_RULE_ZERO || kind > UF_RULE_FILE)
+	if (kind < UF_RULE_ZERO || kind > UF_RULE_HOLD)
 		return -EINVAL;
 	pthread_mutex_lock(&e->rules_lock);
 	rc = rules_insert(e, &r);
@@ -354,6 +359,115 @@ int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len)
 	e->epoch++;
 	pthread_mutex_unlock(&e->rules_lock);
 	return rc;
+}
+
+/* Settle the HOLD rules whose source lies in [buf, buf + buflen): the parts whose
+ * source offset lies in one of the (offset, length) pairs of `filled` become
+ * BUFFER rules (the data is there now); the rest are dropped (the page never
+ * left, or the rule was voided).  Rules moved by REMAP are found by their
+ * source, not their address, which is why HOLD carries one.  Faults waiting on
+ * HOLD rules are then decided again.  Returns the number of pages now BUFFER. */
+int uf_rules_settle(uf_engine *e, uint64_t buf, uint64_t buflen, const uint64_t *filled, size_t nfilled)
+{
+	struct rule *held = NULL;
+	size_t nh = 0, i, k;
+	int64_t pages = 0;
+	int rc = 0;
+	uint64_t one = 1;
+
+	pthread_mutex_lock(&e->rules_lock);
+	for (i = 0; i < e->nrules; i++) {
+		struct rule *r = &e->rules[i];
+		if (r->kind == UF_RULE_HOLD && r->src >= buf && r->src < buf + buflen)
+			nh++;
+	}
+	if (nh && !(held = malloc(nh * sizeof(*held)))) {
+		pthread_mutex_unlock(&e->rules_lock);
+		return -ENOMEM;
+	}
+	for (i = 0, k = 0; i < e->nrules; i++) {
+		struct rule *r = &e->rules[i];
+		if (r->kind == UF_RULE_HOLD && r->src >= buf && r->src < buf + buflen)
+			held[k++] = *r;
+	}
+	for (i = 0; i < nh && rc == 0; i++) {
+		struct rule *h = &held[i];
+		rc = rules_punch(e, h->start, h->end);
+		for (k = 0; k + 2 <= nfilled * 2 && rc == 0; k += 2) {
+			uint64_t fs = buf + filled[k], fe = fs + filled[k + 1];
+			uint64_t rs = h->src, re = h->src + (h->end - h->start);
+			uint64_t s = rs > fs ? rs : fs, en = re < fe ? re : fe;
+			if (s >= en)
+				continue;
+			struct rule b = *h;
+			b.kind = UF_RULE_BUFFER;
+			b.start = h->start + (s - rs);
+			b.end = h->start + (en - rs);
+			b.src = s;
+			rc = rules_insert(e, &b);
+			pages += (int64_t)((en - s) / UF_PAGE);
+		}
+	}
+	e->epoch++;
+	pthread_mutex_unlock(&e->rules_lock);
+	free(held);
+	if (write(e->kick_fd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: a kick is already pending */
+	}
+	return rc < 0 ? rc : (int)pages;
+}
+
+/* Copy the rules of one kind (0: all) as (start, end, kind, src) quadruples. */
+size_t uf_rules_list(uf_engine *e, int kind, uint64_t *out, size_t max)
+{
+	size_t i, n = 0;
+
+	pthread_mutex_lock(&e->rules_lock);
+	for (i = 0; i < e->nrules && n < max; i++) {
+		struct rule *r = &e->rules[i];
+		if (kind && r->kind != kind)
+			continue;
+		out[4 * n] = r->start;
+		out[4 * n + 1] = r->end;
+		out[4 * n + 2] = (uint64_t)r->kind;
+		out[4 * n + 3] = r->src;
+		n++;
+	}
+	pthread_mutex_unlock(&e->rules_lock);
+	return n;
+}
+
+/* Install every page that a BUFFER rule holds and that is missing (UFFDIO_COPY;
+ * pages already present are skipped by the kernel with EEXIST).  Used before a
+ * fork that the kernel cannot follow (no EVENT_FORK) and before giving a
+ * process back.  Returns pages copied or -errno; -EAGAIN when events are
+ * pending (drain them and call again). */
+int64_t uf_rules_fill_all(uf_engine *e)
+{
+	struct rule *rs;
+	size_t n, i;
+	int64_t pages = 0;
+	int rc = 0;
+
+	pthread_mutex_lock(&e->rules_lock);
+	n = e->nrules;
+	rs = malloc((n ? n : 1) * sizeof(*rs));
+	if (rs && n)
+		memcpy(rs, e->rules, n * sizeof(*rs));
+	pthread_mutex_unlock(&e->rules_lock);
+	if (!rs)
+		return -ENOMEM;
+	for (i = 0; i < n && rc == 0; i++) {
+		uint64_t done = 0, ex = 0;
+		if (rs[i].kind != UF_RULE_BUFFER)
+			continue;
+		rc = uf_copy_all_counted(e->uffd, rs[i].start, rs[i].src, rs[i].end - rs[i].start, 0, &done, &ex);
+		pages += (int64_t)((done / UF_PAGE) - ex);
+		if (rc == -ENOENT || rc == -ESRCH)
+			rc = 0; /* unmapped meanwhile, or the process exited: nothing to bring back */
+	}
+	free(rs);
+	return rc < 0 ? rc : pages;
 }
 
 /* Give the engine of a forked child the parent's rules as they were when the FORK
@@ -566,19 +680,39 @@ static void arm_stop_poll(uf_engine *e)
 	e->inflight++;
 }
 
-static void defer(uf_engine *e, const struct uf_msg *m)
+static void msg_push(uf_engine *e, struct uf_msg **arr, size_t *n, size_t *cap, const struct uf_msg *m)
 {
-	if (e->ndeferred == e->capdeferred) {
-		size_t ncap = e->capdeferred ? e->capdeferred * 2 : 64;
-		struct uf_msg *nd = realloc(e->deferred, ncap * sizeof(*nd));
+	if (*n == *cap) {
+		size_t ncap = *cap ? *cap * 2 : 64;
+		struct uf_msg *nd = realloc(*arr, ncap * sizeof(*nd));
 		if (!nd) {
 			forward(e, m); /* let Python have it rather than lose it */
 			return;
 		}
-		e->deferred = nd;
-		e->capdeferred = ncap;
+		*arr = nd;
+		*cap = ncap;
 	}
-	e->deferred[e->ndeferred++] = *m;
+	(*arr)[(*n)++] = *m;
+}
+
+static void defer(uf_engine *e, const struct uf_msg *m)
+{
+	msg_push(e, &e->deferred, &e->ndeferred, &e->capdeferred, m);
+}
+
+static void arm_kick_poll(uf_engine *e)
+{
+	struct io_uring_sqe *sqe;
+
+	if (e->kick_armed || e->stopping)
+		return;
+	sqe = get_sqe(e);
+	if (!sqe)
+		return;
+	io_uring_prep_read(sqe, e->kick_fd, &e->kick_buf, sizeof(e->kick_buf), 0);
+	io_uring_sqe_set_data64(sqe, UD(UD_KICK, 0));
+	e->kick_armed = 1;
+	e->inflight++;
 }
 
 /* ---- fault resolution -------------------------------------------------------------- */
@@ -649,7 +783,16 @@ static void handle_fault(uf_engine *e, const struct uf_msg *m)
 	struct rule r;
 	int rc;
 
-	if ((m->a & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) || !lookup(e, addr, &r, &epoch)) {
+	if (m->a & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
+		forward(e, m);
+		return;
+	}
+	if (!lookup(e, addr, &r, &epoch)) {
+		if (e->flags & UF_ENGINE_DEFAULT_ZERO) { /* never-evicted memory: first touch */
+			rc = zeropage_counted(e, addr, UF_PAGE, &done);
+			fill_outcome(e, m, addr, rc, done);
+			return;
+		}
 		forward(e, m);
 		return;
 	}
@@ -665,6 +808,10 @@ static void handle_fault(uf_engine *e, const struct uf_msg *m)
 	case UF_RULE_BUFFER:
 		rc = copy_counted(e, addr, r.src + (addr - r.start), len, &done);
 		fill_outcome(e, m, addr, rc, done);
+		return;
+	case UF_RULE_HOLD: /* the data is on its way: wait for uf_rules_settle */
+		msg_push(e, &e->held, &e->nheld, &e->capheld, m);
+		__atomic_store_n(&e->st.held_now, e->nheld, __ATOMIC_RELAXED);
 		return;
 	case UF_RULE_FILE: {
 		struct io_uring_sqe *sqe;
@@ -818,9 +965,15 @@ static void begin_stop(uf_engine *e)
 {
 	struct io_uring_sqe *sqe;
 
+	size_t i;
+
 	if (e->stopping)
 		return;
 	e->stopping = 1;
+	/* held faults: wake them; they fault again and wait in the uffd for the next server */
+	for (i = 0; i < e->nheld; i++)
+		uf_wake(e->uffd, e->held[i].b & ~(UF_PAGE - 1), UF_PAGE);
+	e->nheld = 0;
 	sqe = get_sqe(e);
 	if (sqe) {
 		io_uring_prep_cancel64(sqe, 0, IORING_ASYNC_CANCEL_ANY | IORING_ASYNC_CANCEL_ALL);
@@ -855,6 +1008,20 @@ static void process_cqes(uf_engine *e)
 		case UD_CANCEL:
 			e->inflight--;
 			break;
+		case UD_KICK:
+			e->inflight--;
+			e->kick_armed = 0;
+			if (!e->stopping) {
+				size_t i, n = e->nheld;
+				struct uf_msg *h = e->held;
+				arm_kick_poll(e);
+				e->held = NULL;
+				e->nheld = e->capheld = 0;
+				for (i = 0; i < n; i++)
+					defer(e, &h[i]); /* decided again below, against the settled rules */
+				free(h);
+			}
+			break;
 		}
 		io_uring_cqe_seen(&e->ring, cqe);
 	}
@@ -864,6 +1031,7 @@ static void process_cqes(uf_engine *e)
 			arm_timer(e);
 	}
 	__atomic_store_n(&e->st.deferred_now, e->ndeferred, __ATOMIC_RELAXED);
+	__atomic_store_n(&e->st.held_now, e->nheld, __ATOMIC_RELAXED);
 	__atomic_store_n(&e->st.inflight, e->inflight, __ATOMIC_RELAXED);
 }
 
@@ -910,7 +1078,7 @@ uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int
 	}
 	e->uffd = uffd;
 	e->flags = (int)flags;
-	e->stop_fd = e->notify_fd = -1;
+	e->stop_fd = e->notify_fd = e->kick_fd = -1;
 	pthread_mutex_init(&e->rules_lock, NULL);
 	pthread_mutex_init(&e->q_lock, NULL);
 	rc = io_uring_queue_init(entries ? entries : 256, &e->ring, 0);
@@ -919,7 +1087,8 @@ uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int
 	e->ring_ok = 1;
 	e->notify_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	e->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-	if (e->notify_fd < 0 || e->stop_fd < 0) {
+	e->kick_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (e->notify_fd < 0 || e->stop_fd < 0 || e->kick_fd < 0) {
 		rc = -errno;
 		goto fail;
 	}
@@ -994,6 +1163,7 @@ int uf_engine_start(uf_engine *e, int thread)
 	rc = arm_read(e);
 	if (rc < 0)
 		return rc;
+	arm_kick_poll(e);
 	if (thread) {
 		arm_stop_poll(e);
 		rc = pthread_create(&e->thr, NULL, engine_thread, e);
@@ -1076,11 +1246,14 @@ void uf_engine_free(uf_engine *e)
 	free(e->forks);
 	free(e->rules);
 	free(e->deferred);
+	free(e->held);
 	free(e->q);
 	if (e->notify_fd >= 0)
 		close(e->notify_fd);
 	if (e->stop_fd >= 0)
 		close(e->stop_fd);
+	if (e->kick_fd >= 0)
+		close(e->kick_fd);
 	pthread_mutex_destroy(&e->rules_lock);
 	pthread_mutex_destroy(&e->q_lock);
 	free(e);

@@ -80,12 +80,16 @@ int64_t uf_pagemap_scan(int pagemap_fd, struct uf_scan *scan, uint64_t *regions_
 typedef struct uf_engine uf_engine;
 
 enum {
-	UF_ENGINE_NO_MULTISHOT = 1  /* use a re-armed IORING_OP_READ even if multishot works */
+	UF_ENGINE_NO_MULTISHOT = 1, /* use a re-armed IORING_OP_READ even if multishot works */
+	UF_ENGINE_DEFAULT_ZERO = 2  /* a MISSING fault outside every rule gets a zero page in C
+				     * (managed processes: memory never evicted) instead of Python */
 };
 enum {
 	UF_RULE_ZERO = 1,   /* UFFDIO_ZEROPAGE */
 	UF_RULE_BUFFER = 2, /* UFFDIO_COPY from manager memory at src + (addr - start) */
-	UF_RULE_FILE = 3    /* read fd at off + (addr - start) through the ring, then COPY */
+	UF_RULE_FILE = 3,   /* read fd at off + (addr - start) through the ring, then COPY */
+	UF_RULE_HOLD = 4    /* data on its way to src + (addr - start): faults wait for
+			     * uf_rules_settle, which turns the rule into BUFFER */
 };
 enum {
 	UF_EV_ERROR = 0xF0 /* a = -errno, b = address, c = what failed (UF_FAIL_*) */
@@ -101,6 +105,7 @@ struct uf_engine_stats {
 	uint64_t eexist, eagain, errors, file_reads, batches, rearms, deferred_now, inflight;
 	uint64_t multishot, thread;
 	uint64_t retried; /* woken to fault again because the mapping changed under it */
+	uint64_t held_now; /* faults waiting on HOLD rules */
 };
 
 uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int *err);
@@ -115,6 +120,9 @@ void uf_engine_get_stats(uf_engine *e, struct uf_engine_stats *out);
 
 int uf_rules_add(uf_engine *e, uint64_t start, uint64_t len, int kind, uint64_t src, int fd, uint64_t off, uint32_t chunk_pages);
 int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len);
+size_t uf_rules_list(uf_engine *e, int kind, uint64_t *out, size_t max);
+int64_t uf_rules_fill_all(uf_engine *e);
+int uf_rules_settle(uf_engine *e, uint64_t buf, uint64_t buflen, const uint64_t *filled, size_t nfilled);
 size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len);
 int uf_rules_copy(uf_engine *dst, uf_engine *src);
 int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd);

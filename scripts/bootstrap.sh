@@ -29,8 +29,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$PY" -m venv "$VENV"
 fi
 stamp="$VENV/.uffdio-stamp"
-sources=$(cat pyproject.toml setup.py csrc/* | sha1sum | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sources" ] || ! "$VENV/bin/python" -c 'import uffdio._native' 2>/dev/null; then
+sources=$(find pyproject.toml setup.py csrc -type f -print0 | sort -z | xargs -0 cat | sha1sum | cut -d" " -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$sources" ] || ! "$VENV/bin/python" -c 'import uffdio._native, uffdio.agent; uffdio.agent.library_path()' 2>/dev/null; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
     "$VENV/bin/python" -m pip install -q -e '.[test]'
     echo "$sources" > "$stamp"

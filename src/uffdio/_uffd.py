@@ -350,6 +350,13 @@ class Userfaultfd:
         self.dontfork_without_event_fork = True
         #: io_uring submission queue entries of the engine's ring
         self.ring_entries = 256
+        #: extra engine flags (C.ENGINE_DEFAULT_ZERO for managed processes); set before the
+        #: engine exists.  Forked children inherit them.
+        self.engine_flags = 0
+        #: called with the uffd of a forked child (EVENT_FORK) instead of serving it in this
+        #: uffd's task group; whoever sets it serves the child (uffdio's manager does, so a
+        #: child outlives its parent's server)
+        self.on_fork_child: Callable[[Userfaultfd], Awaitable[None]] | None = None
         self._thread_mode = False
         self._thread_mode_hint: bool | None = None
         self._pending: FaultBatch | None = None
@@ -841,7 +848,7 @@ class Userfaultfd:
             e = lib.uf_engine_new(
                 self.fileno(),
                 self.ring_entries,
-                0 if self.multishot else C.ENGINE_NO_MULTISHOT,
+                (0 if self.multishot else C.ENGINE_NO_MULTISHOT) | self.engine_flags,
                 err,
             )
             if e == ffi.NULL:
@@ -1020,9 +1027,13 @@ class Userfaultfd:
                 check(lib.uf_rules_adopt_fork(ce, self._engine, a & 0xFFFFFFFF), "resolver.copy")
             child.resolver._keep = self.resolver._keep
             child._thread_mode_hint = self._thread_mode
-            self._children.append(child)
+            child.engine_flags = self.engine_flags
             event = ForkEvent(self, child)
-            await tg.start(child._serve_child)
+            if self.on_fork_child is not None:
+                await self.on_fork_child(child)
+            else:
+                self._children.append(child)
+                await tg.start(child._serve_child)
         elif ev == Event.REMAP:
             event = RemapEvent(self, a, b, c)
         elif ev == Event.REMOVE:
@@ -1075,6 +1086,7 @@ _ENGINE_STATS = (
     "multishot",
     "thread",
     "retried",
+    "held_now",
 )
 
 C_OPEN_USER_MODE_ONLY = 1

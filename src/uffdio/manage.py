@@ -1,0 +1,1051 @@
+"""Managing other processes: the manager side of the agent, spawn, eviction.
+
+A :class:`Manager` listens on a UNIX socket.  Every process that runs the agent (started
+with :meth:`Manager.spawn`, ``uffdio run``, or a program that starts the agent itself)
+connects, hands over its userfaultfd and becomes a :class:`ManagedProcess`: its anonymous
+memory is registered, its faults are served by the C engine (first touches get zero pages
+in C, evicted pages are copied back in C), and :meth:`ManagedProcess.evict` takes pages
+away from it.
+
+Eviction, and why no page is ever lost (see also csrc/agent.c):
+
+1. HOLD rules go in first: a fault on a page being evicted waits in the engine.
+2. A recovery snapshot is written (the runs and where they will sit in the scratch area).
+3. The agent moves the pages out of the application's mappings into its scratch area
+   (UFFDIO_MOVE: the page leaves the application's page table atomically; from then on an
+   access faults and waits).  The kernel refuses shared (after fork) and pinned pages: they
+   stay resident, their HOLD rules are dropped.
+4. The manager reads the scratch area (process_vm_readv) into its store.
+5. The HOLD rules become BUFFER rules (the waiting faults are served from the store), and
+   a snapshot is written again.
+6. The agent empties the scratch area.
+
+Events change the rules in C in message order (csrc/engine.c): the application's
+madvise(DONTNEED) voids the saved copy (zeros, as the kernel promises), munmap drops it,
+mremap moves it, fork gives the child a snapshot of the parent's rules.
+
+The store is a memfd that every agent keeps a duplicate of, and each process's rules are
+snapshotted into a memfd its agent keeps: a manager killed with SIGKILL leaves the faulting
+threads waiting (the agent's uffd keeps the registrations alive), and a manager restarted
+on the same socket gets the store and the snapshots back and continues.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import logging
+import mmap
+import os
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import tempfile
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from . import _agentproto as P
+from . import _constants as C
+from ._constants import Feature
+from ._errors import (
+    UffdError,
+    UffdPermissionError,
+    UffdProcessGone,
+    UffdUnsupportedError,
+    check,
+    error_for,
+)
+from ._lib import CData, ffi, lib
+from ._uffd import Userfaultfd
+from .agent import library_path
+
+log = logging.getLogger("uffdio")
+
+PAGE = C.PAGE_SIZE
+TAG_STORE = 1
+TAG_STATE = 2
+SNAP_MAGIC = 0x55464644494F5331  # "UFFDIOS1"
+SNAP_SCRATCH = 100  # snapshot entry kind: pages that sit in the scratch area
+
+
+class Arena:
+    """Page store in manager memory, backed by a memfd so that it outlives the manager.
+
+    Allocation is in whole pages; freed extents are given back to the kernel with
+    MADV_REMOVE and reused.  An arena adopted from a previous manager is never
+    allocated from (its free space is unknown): it is read, and freed when unused.
+    """
+
+    RESERVE = 1 << 36  # 64 GiB of address space; memory is used only for stored pages
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.adopted = fd is not None
+        if fd is None:
+            fd = os.memfd_create("uffdio-store", os.MFD_CLOEXEC)
+            os.ftruncate(fd, self.RESERVE)
+        self.fd = fd
+        self.size = os.fstat(fd).st_size
+        self.ino = os.fstat(fd).st_ino
+        self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0))
+        self._c = ffi.from_buffer(self.mm)
+        self.base = int(ffi.cast("uintptr_t", self._c))
+        self.top = 0
+        self.free: list[tuple[int, int]] = []
+        self.used_bytes = 0
+
+    def alloc(self, n: int) -> int:
+        if self.adopted:
+            raise RuntimeError("an adopted arena is read-only")
+        for i, (off, ln) in enumerate(self.free):
+            if ln >= n:
+                if ln == n:
+                    self.free.pop(i)
+                else:
+                    self.free[i] = (off + n, ln - n)
+                self.used_bytes += n
+                return off
+        if self.top + n > self.size:
+            raise error_for(
+                errno.ENOSPC, "store", f"the memory store is full ({self.size >> 30} GiB reserved)"
+            )
+        off = self.top
+        self.top += n
+        self.used_bytes += n
+        return off
+
+    def release(self, off: int, n: int) -> None:
+        self.mm.madvise(mmap.MADV_REMOVE, off, n)
+        self.used_bytes -= n
+        if not self.adopted:
+            self.free.append((off, n))
+
+    def contains(self, addr: int) -> bool:
+        return self.base <= addr < self.base + self.size
+
+    def close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self._c = None
+            self.mm.close()
+        os.close(self.fd)
+
+
+@dataclass
+class _Extent:
+    arena: Arena
+    off: int
+    length: int
+    unused_since: float | None = None
+
+
+@dataclass
+class _Orphan:
+    """The uffd of a child the kernel reported (EVENT_FORK) before its agent said hello."""
+
+    uffd: Userfaultfd
+    parent: int
+    scope: anyio.CancelScope
+    token: bytes | None = None
+    probe: int = 0
+
+
+def _addr_ranges(words: Sequence[int]) -> list[tuple[int, int]]:
+    return [(words[i], words[i + 1]) for i in range(0, len(words) - 1, 2)]
+
+
+class ManagedProcess:
+    """One process under management (see :class:`Manager`)."""
+
+    def __init__(self, manager: Manager, pid: int, ppid: int, sock: socket.socket) -> None:
+        self.manager = manager
+        self.pid = pid
+        self.ppid = ppid
+        self.uffd: Userfaultfd | None = None
+        self.features = Feature(0)
+        self.event_fork = False
+        self.scratch = 0
+        self.scratch_len = 0
+        #: registered regions as of the last scan: [(start, length)]
+        self.regions: list[tuple[int, int]] = []
+        #: why the process is not managed (no uffd), or None
+        self.unmanaged_reason: str | None = None
+        self.exited = False
+        self.resumed = False
+        self._sock = sock
+        self._seq = 0
+        self._replies: dict[int, tuple[anyio.Event, list[P.Msg]]] = {}
+        self._evict_lock = anyio.Lock()
+        self._fenced = 0
+        self._scope: anyio.CancelScope | None = None
+        self._gone = anyio.Event()
+        self.stats = {
+            "evictions": 0,
+            "pages_evicted": 0,
+            "pages_skipped": 0,
+            "pages_swapped_in_for_fork": 0,
+            "scans": 0,
+            "fences": 0,
+            "snapshots": 0,
+            "registered_pages_max": 0,
+        }
+
+    def __repr__(self) -> str:
+        state = "exited" if self.exited else ("unmanaged" if self.unmanaged_reason else "managed")
+        return f"<ManagedProcess pid={self.pid} {state}>"
+
+    @property
+    def managed(self) -> bool:
+        return self.uffd is not None and not self.exited
+
+    # ---- requests to the agent ----------------------------------------------------------
+
+    async def request(
+        self, type: int, words: Sequence[int] = (), *, a: int = 0, fd: int = -1,
+        timeout: float = 60.0,
+    ) -> P.Msg:
+        if self.exited:
+            raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} exited")
+        self._seq += 1
+        seq = self._seq
+        ev = anyio.Event()
+        box: list[P.Msg] = []
+        self._replies[seq] = (ev, box)
+        try:
+            await P.send(self._sock, P.pack(type, 0, seq, a, 0, 0, list(words)), fd)
+            with anyio.fail_after(timeout):
+                await ev.wait()
+        except (BrokenPipeError, ConnectionError):
+            raise UffdProcessGone(
+                errno.ESRCH, "uffdio agent", f"pid {self.pid}: the agent's connection closed"
+            ) from None
+        finally:
+            self._replies.pop(seq, None)
+        if not box:
+            raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} went away")
+        return box[0]
+
+    def _on_reply(self, msg: P.Msg) -> None:
+        slot = self._replies.get(msg.seq)
+        if slot is None:
+            return
+        slot[1].append(msg)
+        slot[0].set()
+
+    def _fail_replies(self) -> None:
+        for ev, _box in self._replies.values():
+            ev.set()
+
+    async def scan(self) -> list[tuple[int, int]]:
+        """Have the agent register new anonymous mappings; returns the registered regions."""
+        r = await self.request(P.M_SCAN)
+        check(r.a, "uffdio agent scan", f"pid {self.pid}")
+        self.regions = _addr_ranges(r.words)
+        self.stats["scans"] += 1
+        pages = sum(n for _, n in self.regions) // PAGE
+        self.stats["registered_pages_max"] = max(self.stats["registered_pages_max"], pages)
+        return self.regions
+
+    # ---- eviction ---------------------------------------------------------------------
+
+    def _engines(self) -> list[CData]:
+        return self.manager._all_engines()
+
+    def present_ranges(self, ranges: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+        """The resident pages of ``ranges`` (default: the registered regions), from the
+        kernel's page map."""
+        from ._process import pagemap_scan
+
+        out: list[tuple[int, int]] = []
+        for start, length in ranges if ranges is not None else self.regions:
+            pos, end = start, start + length
+            while pos < end:
+                regs, walk_end = pagemap_scan(
+                    self.pid, pos, end, category_mask=C.PAGE_IS_PRESENT,
+                    return_mask=C.PAGE_IS_PRESENT,
+                )
+                out.extend((s, e - s) for s, e, _cat in regs)
+                if walk_end <= pos or walk_end >= end:
+                    break
+                pos = walk_end
+        return out
+
+    async def evict(self, ranges: Sequence[tuple[int, int]] | None = None) -> int:
+        """Evict the resident pages of ``ranges`` (default: every registered region) into
+        the store.  Returns the number of pages evicted; pages the kernel refuses to move
+        (shared after fork, pinned) stay resident.  Needs UFFDIO_MOVE (Linux 6.8)."""
+        if self.uffd is None or self.exited:
+            raise UffdProcessGone(errno.ESRCH, "evict", f"pid {self.pid} is not managed")
+        if not self.features & Feature.MOVE:
+            raise UffdUnsupportedError(
+                errno.EOPNOTSUPP, "evict",
+                "the agent's uffd has no UFFD_FEATURE_MOVE",
+                "eviction zaps pages with UFFDIO_MOVE: use Linux 6.8 or newer",
+            )
+        total = 0
+        async with self._evict_lock:
+            if self._fenced:
+                return 0
+            if ranges is None:
+                await self.scan()
+            runs = await anyio.to_thread.run_sync(self.present_ranges, ranges)
+            cap = self.scratch_len - PAGE  # the last scratch page is the pairing probe
+            batch: list[tuple[int, int]] = []
+            used = 0
+            for s, n in runs:
+                while n > 0:
+                    take = min(n, cap - used)
+                    batch.append((s, take))
+                    used += take
+                    s += take
+                    n -= take
+                    if used == cap:
+                        total += await self._evict_batch(batch, used)
+                        batch, used = [], 0
+            if batch:
+                total += await self._evict_batch(batch, used)
+        self.manager._gc()
+        return total
+
+    async def _evict_batch(self, runs: list[tuple[int, int]], nbytes: int) -> int:
+        assert self.uffd is not None
+        m = self.manager
+        arena = m.arena
+        off = arena.alloc(nbytes)
+        buf = arena.base + off
+        m._extents.append(_Extent(arena, off, nbytes))
+        e = self.uffd._engine_handle()
+        placed: list[tuple[int, int, int]] = []  # (src, len, offset in batch)
+        pos = 0
+        for s, n in runs:
+            check(lib.uf_rules_add(e, s, n, C.RULE_HOLD, buf + pos, -1, 0, 1), "evict: hold")
+            placed.append((s, n, pos))
+            pos += n
+        self._write_snapshot(scratch_runs=placed)
+        moved_words: array.array[int] = array.array("Q")
+        try:
+            r = await self.request(
+                P.M_MOVE, [w for s, n, p in placed for w in (s, self.scratch + p, n)]
+            )
+            if r.a < 0:
+                raise error_for(-r.a, "evict: UFFDIO_MOVE", f"pid {self.pid}")
+            moved_words = r.words
+            self.stats["pages_skipped"] += r.b
+        except BaseException:
+            # nothing was moved, or we do not know: pages still in the scratch area are
+            # found there by the recovery snapshot; drop the holds that moved nothing
+            with anyio.CancelScope(shield=True):
+                self._settle(buf, nbytes, [])
+            raise
+        # moved pieces, as (offset in batch, length), in address order of the runs
+        filled: list[tuple[int, int]] = []
+        starts = [p[0] for p in placed]
+        import bisect
+
+        for s, n in _addr_ranges(moved_words):
+            i = bisect.bisect_right(starts, s) - 1
+            src, ln, boff = placed[i]
+            filled.append((boff + (s - src), n))
+        if filled:
+            local = [(buf + o, n) for o, n in filled]
+            remote = [(self.scratch + o, n) for o, n in filled]
+            # may fault on scratch holes (source holes): the engine thread zero-fills them
+            got = await anyio.to_thread.run_sync(_readv, self.pid, local, remote)
+            want = sum(n for _, n in filled)
+            if got != want:
+                with anyio.CancelScope(shield=True):
+                    self._settle(buf, nbytes, [])
+                raise error_for(errno.EIO, "evict: process_vm_readv", f"read {got} of {want} bytes")
+        pages = self._settle(buf, nbytes, filled)
+        self._write_snapshot()
+        used = max((o + n for o, n in filled), default=0)
+        if used:
+            r = await self.request(P.M_DONTNEED, [self.scratch, used])
+            check(r.a, "evict: emptying the scratch area", f"pid {self.pid}")
+        self.stats["evictions"] += 1
+        self.stats["pages_evicted"] += pages
+        return pages
+
+    def _settle(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> int:
+        flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
+        for i, (o, n) in enumerate(filled):
+            flat[2 * i] = o
+            flat[2 * i + 1] = n
+        pages = 0
+        own = self.uffd._engine_handle() if self.uffd is not None else None
+        for eng in self._engines():
+            rc = lib.uf_rules_settle(eng, buf, nbytes, flat, len(filled))
+            if eng == own:
+                pages = check(rc, "evict: settle")
+        return pages
+
+    async def swap_in_all(self) -> int:
+        """Bring every evicted page of this process back (UFFDIO_COPY).  Returns pages."""
+        if self.uffd is None:
+            return 0
+        e = self.uffd._engine_handle()
+        deadline = time.monotonic() + 30
+        while True:
+            rc = await anyio.to_thread.run_sync(lib.uf_rules_fill_all, e)
+            if rc != -errno.EAGAIN or time.monotonic() > deadline:
+                break
+            await anyio.sleep(0.001)  # events pending: the engine drains them
+        return check(rc, "swap in", f"pid {self.pid}")
+
+    async def release(self) -> None:
+        """Give the process back: every evicted page is brought back, then the agent
+        unregisters everything and closes its uffd.  The process keeps running."""
+        async with self._evict_lock:
+            self._fenced += 1
+            await self.swap_in_all()
+            with contextlib.suppress(UffdProcessGone):
+                await self.request(P.M_DETACH, timeout=30)
+
+    async def _fence(self, seq: int) -> None:
+        """A fork without EVENT_FORK: bring everything back and hold evictions."""
+        rc = 0
+        async with self._evict_lock:
+            self._fenced += 1
+            self.stats["fences"] += 1
+            try:
+                self.stats["pages_swapped_in_for_fork"] += await self.swap_in_all()
+            except UffdError as exc:
+                rc = -(exc.errno or errno.EIO)
+        await P.send(self._sock, P.pack(P.M_FENCE_ACK, 0, seq, rc))
+
+    # ---- recovery snapshots ------------------------------------------------------------
+
+    def _write_snapshot(self, scratch_runs: list[tuple[int, int, int]] | None = None) -> None:
+        """Record this process's BUFFER rules (as store offsets) and pages in transit in a
+        memfd that the agent keeps; a restarted manager rebuilds the rules from it."""
+        if self.uffd is None or self.exited:
+            return
+        m = self.manager
+        e = self.uffd._engine_handle()
+        n = lib.uf_rules_count(e)
+        out = ffi.new("uint64_t[]", 4 * max(1, n))
+        n = lib.uf_rules_list(e, C.RULE_BUFFER, out, n)
+        words = array.array("Q", [SNAP_MAGIC, 0, 0])
+        count = 0
+        for i in range(n):
+            start, end, _k, src = out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]
+            ar = m._arena_of(src)
+            if ar is None:
+                continue
+            words.extend((start, end, ar.ino, src - ar.base))
+            count += 1
+        for s, ln, boff in scratch_runs or ():
+            words.extend((s, s + ln, SNAP_SCRATCH, self.scratch + boff))
+            count += 1
+        words[1] = count
+        words[2] = sum(words[3:]) & 0xFFFFFFFFFFFFFFFF
+        fd = os.memfd_create(f"uffdio-state-{self.pid}", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, words.tobytes())
+            # fire and forget: the agent replies, nobody waits (ordering on the socket keeps
+            # the newest snapshot last)
+            self._seq += 1
+            data = P.pack(P.M_KEEP_FD, 0, self._seq, TAG_STATE)
+            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            self._sock.sendmsg([data], anc)
+            self.stats["snapshots"] += 1
+        except (BlockingIOError, OSError) as exc:
+            log.warning("pid %d: recovery snapshot not sent: %s", self.pid, exc)
+        finally:
+            os.close(fd)
+
+    def _restore(self, state_fd: int) -> int:
+        """Rebuild the rules of a process whose previous manager died (see _write_snapshot).
+        Returns pages restored; pages that were in the scratch area are returned as runs to
+        read."""
+        assert self.uffd is not None
+        data = os.pread(state_fd, 1 << 30, 0)
+        words = array.array("Q")
+        words.frombytes(data[: len(data) // 8 * 8])
+        if len(words) < 3 or words[0] != SNAP_MAGIC:
+            raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: no valid snapshot")
+        count = words[1]
+        body = words[3 : 3 + 4 * count]
+        if len(body) != 4 * count or (sum(body) & 0xFFFFFFFFFFFFFFFF) != words[2]:
+            raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: snapshot is damaged")
+        e = self.uffd._engine_handle()
+        pages = 0
+        self._recover_scratch: list[tuple[int, int, int]] = []
+        for i in range(count):
+            start, end, ino, off = body[4 * i : 4 * i + 4]
+            if ino == SNAP_SCRATCH:
+                self._recover_scratch.append((start, end - start, off))
+                continue
+            ar = self.manager._arena_by_ino.get(ino)
+            if ar is None:
+                raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: store {ino} missing")
+            check(lib.uf_rules_add(e, start, end - start, C.RULE_BUFFER, ar.base + off, -1, 0, 1),
+                  "recovery")
+            pages += (end - start) // PAGE
+        for start, ln, scr in self._recover_scratch:
+            # HOLD until the scratch pages are read into the store (_recover_finish)
+            pass
+        return pages
+
+    async def _recover_finish(self) -> None:
+        """Pages that sat in the scratch area when the previous manager died: read them
+        into the store and serve them from there."""
+        runs = getattr(self, "_recover_scratch", [])
+        if not runs or self.uffd is None:
+            return
+        m = self.manager
+        total = sum(n for _, n, _ in runs)
+        off = m.arena.alloc(total)
+        buf = m.arena.base + off
+        m._extents.append(_Extent(m.arena, off, total))
+        e = self.uffd._engine_handle()
+        pos = 0
+        local, remote, filled = [], [], []
+        for start, n, scr in runs:
+            check(lib.uf_rules_add(e, start, n, C.RULE_HOLD, buf + pos, -1, 0, 1), "recovery")
+            local.append((buf + pos, n))
+            remote.append((scr, n))
+            filled.append((pos, n))
+            pos += n
+        await anyio.to_thread.run_sync(_readv, self.pid, local, remote)
+        self._settle(buf, total, filled)
+        self._write_snapshot()
+        self._recover_scratch = []
+
+    # ---- statistics ----------------------------------------------------------------------
+
+    def statistics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"pid": self.pid, "ppid": self.ppid, **self.stats}
+        if self.uffd is not None:
+            out.update(self.uffd.statistics())
+        out["unmanaged_reason"] = self.unmanaged_reason
+        return out
+
+
+def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> int:
+    lf = ffi.new("uint64_t[]", 2 * len(local))
+    rf = ffi.new("uint64_t[]", 2 * len(remote))
+    for i, (a, n) in enumerate(local):
+        lf[2 * i], lf[2 * i + 1] = a, n
+    for i, (a, n) in enumerate(remote):
+        rf[2 * i], rf[2 * i + 1] = a, n
+    return check(
+        lib.uf_process_vm_readv(pid, lf, len(local), rf, len(remote)), "process_vm_readv",
+        f"pid {pid}",
+    )
+
+
+class Spawned:
+    """A program started by :meth:`Manager.spawn`."""
+
+    def __init__(self, manager: Manager, popen: subprocess.Popen[bytes]) -> None:
+        self.manager = manager
+        self.popen = popen
+        self.pid = popen.pid
+        self.returncode: int | None = None
+        self.rusage: Any = None
+        self._pidfd = os.pidfd_open(self.pid)
+
+    async def process(self, timeout: float = 30.0) -> ManagedProcess:
+        """The ManagedProcess of this program, once its agent has connected."""
+        return await self.manager.wait_process(self.pid, timeout=timeout)
+
+    async def wait(self) -> int:
+        """Wait for exit; returns the exit code (negative signal number if killed, as
+        subprocess does).  ``rusage`` holds the kernel's accounting (ru_maxrss...)."""
+        if self.returncode is None:
+            await anyio.wait_readable(self._pidfd)
+            _pid, status, ru = os.wait4(self.pid, 0)
+            self.rusage = ru
+            self.returncode = os.waitstatus_to_exitcode(status)
+            self.popen.returncode = self.returncode
+            os.close(self._pidfd)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            signal.pidfd_send_signal(self._pidfd, sig)
+
+
+class Manager:
+    """Serve every agent that connects to ``socket_path`` (a fresh private path by default).
+
+    Use as ``async with Manager() as m:``; on exit, processes still managed are given back
+    (evicted pages brought back first) and the socket is removed.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        allow_other_users: bool | None = None,
+    ) -> None:
+        self._own_dir: str | None = None
+        if socket_path is None:
+            self._own_dir = tempfile.mkdtemp(prefix="uffdio-")
+            socket_path = os.path.join(self._own_dir, "agent.sock")
+        self.socket_path = os.fspath(socket_path)
+        #: accept agents of other users (root only; default: only root may)
+        self.allow_other_users = os.geteuid() == 0 if allow_other_users is None else allow_other_users
+        self.processes: dict[int, ManagedProcess] = {}
+        #: every process seen, exited ones included (for statistics)
+        self.history: list[ManagedProcess] = []
+        self.refused: list[tuple[int, str]] = []
+        self.arena = Arena()
+        self._arenas: list[Arena] = [self.arena]
+        self._arena_by_ino: dict[int, Arena] = {self.arena.ino: self.arena}
+        self._extents: list[_Extent] = []
+        self._orphans: list[_Orphan] = []
+        self._new_process = anyio.Event()
+        self._lsock: socket.socket | None = None
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.recovered_pages = 0
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    def _listen(self) -> socket.socket:
+        path = self.socket_path
+        if os.path.lexists(path):
+            st = os.lstat(path)
+            if not stat.S_ISSOCK(st.st_mode):
+                raise error_for(
+                    errno.EEXIST, "manager socket",
+                    f"{path} exists and is not a socket; choose another path (--socket)",
+                )
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+            except (ConnectionRefusedError, FileNotFoundError):
+                os.unlink(path)  # stale: its manager is gone; we take over its agents
+            else:
+                raise error_for(
+                    errno.EADDRINUSE, "manager socket",
+                    f"another manager is listening on {path}; stop it or choose another "
+                    "path (--socket)",
+                )
+            finally:
+                probe.close()
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old = os.umask(0o077)
+        try:
+            s.bind(path)
+        except OSError as exc:
+            s.close()
+            raise error_for(exc.errno or errno.EIO, "manager socket", f"bind {path}: {exc.strerror}") from None
+        finally:
+            os.umask(old)
+        if self.allow_other_users:
+            os.chmod(path, 0o777)  # the agent of any user may connect; SO_PEERCRED decides
+        s.listen(64)
+        s.setblocking(False)
+        return s
+
+    async def __aenter__(self) -> Manager:
+        self._lsock = self._listen()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self._accept_loop)
+        return self
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        assert self._tg is not None
+        try:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(30):
+                for p in list(self.processes.values()):
+                    if p.managed:
+                        with contextlib.suppress(Exception):
+                            await p.release()
+        finally:
+            self._tg.cancel_scope.cancel()
+            res = await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
+            self._close()
+        return res
+
+    def _close(self) -> None:
+        if self._lsock is not None:
+            self._lsock.close()
+            self._lsock = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.socket_path)
+            if self._own_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self._own_dir)
+        for o in self._orphans:
+            o.uffd.close()
+        for p in self.history:
+            if p.uffd is not None:
+                p.uffd.close()
+        for ar in self._arenas:
+            ar.close()
+        self._arenas = []
+
+    # ---- starting programs -------------------------------------------------------------------
+
+    def agent_environment(self, env: dict[str, str] | None = None) -> dict[str, str]:
+        """``env`` (default: os.environ) plus what loads the agent and points it here."""
+        out = dict(os.environ if env is None else env)
+        out[P.ENV_SOCK] = self.socket_path
+        pre = out.get("LD_PRELOAD", "")
+        out["LD_PRELOAD"] = library_path() + (" " + pre if pre else "")
+        return out
+
+    def spawn(self, argv: Sequence[str], *, env: dict[str, str] | None = None, **popen: Any) -> Spawned:
+        """Start ``argv`` with the agent; returns at once (see :meth:`Spawned.process`)."""
+        try:
+            proc = subprocess.Popen(list(argv), env=self.agent_environment(env), **popen)
+        except FileNotFoundError as exc:
+            raise error_for(errno.ENOENT, "spawn", f"{argv[0]}: command not found") from exc
+        return Spawned(self, proc)
+
+    async def wait_process(self, pid: int, timeout: float = 30.0) -> ManagedProcess:
+        with anyio.fail_after(timeout):
+            while pid not in self.processes:
+                ev = self._new_process
+                await ev.wait()
+        return self.processes[pid]
+
+    # ---- agents ----------------------------------------------------------------------------
+
+    async def _accept_loop(self) -> None:
+        assert self._lsock is not None and self._tg is not None
+        while True:
+            await anyio.wait_readable(self._lsock)
+            try:
+                conn, _ = self._lsock.accept()
+            except BlockingIOError:
+                continue
+            conn.setblocking(False)
+            self._tg.start_soon(self._connection, conn)
+
+    async def _connection(self, conn: socket.socket) -> None:
+        proc: ManagedProcess | None = None
+        try:
+            cred = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid, uid, _gid = struct.unpack("3i", cred)
+            hello = await P.recv(conn)
+            if hello is None or hello.type != P.A_HELLO:
+                return
+            if uid != os.geteuid() and not self.allow_other_users:
+                reason = (
+                    f"pid {pid} belongs to uid {uid}: a manager manages only its own user's "
+                    "processes unless it runs as root"
+                )
+                self.refused.append((pid, reason))
+                log.warning("refused: %s", reason)
+                if hello.fd >= 0:
+                    os.close(hello.fd)
+                await P.send(conn, P.pack(P.M_WELCOME, a=-errno.EPERM))
+                return
+            proc = await self._hello(conn, hello)
+            if proc is None:
+                return
+            await self._run(proc)
+        except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
+            raise
+        except Exception as exc:  # one bad agent must not take the manager down
+            log.warning("agent connection failed: %s", exc)
+        finally:
+            conn.close()
+            if proc is not None:
+                self._retire(proc)
+
+    async def _hello(self, conn: socket.socket, h: P.Msg) -> ManagedProcess | None:
+        pid, ppid = h.a, h.b
+        words = h.words
+        kept: dict[int, int] = {}
+        nkept = words[5] if len(words) > 5 else 0
+        for _ in range(nkept):
+            k = await P.recv(conn)
+            if k is None or k.type != P.A_KEPT:
+                break
+            if k.fd >= 0:
+                kept[k.a] = k.fd
+        old = self.processes.get(pid)
+        if old is not None:  # exec: the old image and its mm are gone
+            self._retire(old)
+        proc = ManagedProcess(self, pid, ppid, conn)
+        if len(words) >= 3:
+            proc.scratch, proc.scratch_len = words[1], words[2]
+        proc.event_fork = bool(h.flags & P.AF_EVENT_FORK)
+        uffd_fd = h.fd
+        if h.c < 0:
+            proc.unmanaged_reason = _unmanaged_reason(-h.c)
+            log.warning("pid %d runs unmanaged: %s", pid, proc.unmanaged_reason)
+            await P.send(conn, P.pack(P.M_WELCOME))
+            self._add(proc)
+            return None
+        proc.features = Feature(h.c)
+        if uffd_fd < 0 and h.flags & P.AF_FORKED:
+            orphan = await self._pair(proc)
+            if orphan is None:
+                proc.unmanaged_reason = "its uffd from the fork event could not be matched"
+                await P.send(conn, P.pack(P.M_WELCOME, a=-errno.ESRCH))
+                self._add(proc)
+                return None
+            proc.uffd = orphan.uffd
+            proc._scope = orphan.scope
+            # the child keeps a duplicate, so that it survives us like any other
+            await P.send(conn, P.pack(P.M_GIVE_UFFD), os.dup(orphan.uffd.fileno()))
+        elif uffd_fd >= 0:
+            u = Userfaultfd.from_fd(uffd_fd, int(proc.features))
+            self._setup_uffd(u)
+            proc.uffd = u
+        else:
+            proc.unmanaged_reason = "the agent sent no uffd"
+            await P.send(conn, P.pack(P.M_WELCOME, a=-errno.EBADF))
+            self._add(proc)
+            return None
+        if h.flags & P.AF_RECONNECT:
+            store = kept.get(TAG_STORE)
+            state = kept.get(TAG_STATE)
+            if store is not None:
+                ino = os.fstat(store).st_ino
+                if ino not in self._arena_by_ino:
+                    ar = Arena(store)
+                    self._arenas.append(ar)
+                    self._arena_by_ino[ino] = ar
+                else:
+                    os.close(store)
+            if state is not None:
+                try:
+                    self.recovered_pages += proc._restore(state)
+                finally:
+                    os.close(state)
+            proc.resumed = True
+        else:
+            for fd in kept.values():
+                os.close(fd)
+        self._add(proc)
+        return proc
+
+    def _add(self, proc: ManagedProcess) -> None:
+        self.processes[proc.pid] = proc
+        self.history.append(proc)
+        ev, self._new_process = self._new_process, anyio.Event()
+        ev.set()
+
+    def _setup_uffd(self, u: Userfaultfd) -> None:
+        u.engine_flags = C.ENGINE_DEFAULT_ZERO
+        u.on_fork_child = self._on_fork_child
+
+    async def _on_fork_child(self, child: Userfaultfd) -> None:
+        """EVENT_FORK: serve the child's uffd at once (its threads fault as soon as fork()
+        returns); its agent says hello soon and is matched to it by _pair."""
+        assert self._tg is not None
+        child.on_fork_child = self._on_fork_child
+        scope = anyio.CancelScope()
+        self._orphans.append(_Orphan(child, 0, scope))
+        await self._tg.start(self._serve_uffd, child, scope)
+
+    async def _serve_uffd(
+        self, u: Userfaultfd, scope: anyio.CancelScope,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        with scope:
+            await u.serve(thread=True, task_status=task_status)
+
+    async def _pair(self, proc: ManagedProcess) -> _Orphan | None:
+        """Find which fork-event uffd belongs to ``proc``: write a token page through each
+        candidate uffd into a page of the scratch area that is missing in ``proc``, and read
+        it back from ``proc``.  Only the uffd of proc's own mm puts it where proc sees it."""
+        probe = proc.scratch + proc.scratch_len - PAGE
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            for o in list(self._orphans):
+                if o.token is None:
+                    o.token = os.urandom(16) * (PAGE // 16)
+                    o.probe = probe
+                    src = ffi.from_buffer(o.token)
+                    with contextlib.suppress(UffdError):
+                        await o.uffd.copy(probe, src, PAGE)
+                if o.probe != probe:
+                    continue
+                got = bytearray(PAGE)
+                try:
+                    await anyio.to_thread.run_sync(
+                        _readv, proc.pid, [(int(ffi.cast("uintptr_t", ffi.from_buffer(got))), PAGE)],
+                        [(probe, PAGE)],
+                    )
+                except UffdError:
+                    return None
+                if bytes(got) == o.token:
+                    self._orphans.remove(o)
+                    return o
+            await anyio.sleep(0.005)  # the fork event may not have been read yet
+        return None
+
+    async def _run(self, proc: ManagedProcess) -> None:
+        """Serve one managed process until it exits or its agent disconnects."""
+        assert proc.uffd is not None
+        conn = proc._sock
+        pidfd = -1
+        with contextlib.suppress(OSError):
+            pidfd = os.pidfd_open(proc.pid)
+        try:
+            async with anyio.create_task_group() as tg:
+                if proc._scope is None:  # not already served (a fork child is)
+                    proc._scope = anyio.CancelScope()
+                    await tg.start(self._serve_uffd, proc.uffd, proc._scope)
+                tg.start_soon(self._reader, proc, tg)
+                if pidfd >= 0:
+                    tg.start_soon(self._watch_exit, proc, pidfd, tg)
+                await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
+                await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
+                if proc.resumed:
+                    await proc._recover_finish()
+                # empty the scratch area: a paired child's probe page, or a copy of pages
+                # its parent was evicting when it forked (their rules were settled)
+                with contextlib.suppress(UffdError):
+                    await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
+                await proc.scan()
+                proc._write_snapshot()
+                await proc._gone.wait()
+                tg.cancel_scope.cancel()
+        finally:
+            if pidfd >= 0:
+                os.close(pidfd)
+
+    async def _reader(self, proc: ManagedProcess, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            while True:
+                msg = await P.recv(proc._sock)
+                if msg is None:
+                    break
+                if msg.type == P.A_REPLY:
+                    proc._on_reply(msg)
+                elif msg.type == P.A_FENCE:
+                    tg.start_soon(proc._fence, msg.seq)
+                elif msg.type == P.A_FENCE_END:
+                    proc._fenced = max(0, proc._fenced - 1)
+                elif msg.type == P.A_RELEASE:
+                    tg.start_soon(proc.release)
+                elif msg.fd >= 0:
+                    os.close(msg.fd)
+        except OSError:
+            pass
+        proc._fail_replies()
+        proc._gone.set()
+
+    async def _watch_exit(self, proc: ManagedProcess, pidfd: int, tg: anyio.abc.TaskGroup) -> None:
+        await anyio.wait_readable(pidfd)
+        proc.exited = True
+        proc._fail_replies()
+        proc._gone.set()
+
+    def _retire(self, proc: ManagedProcess) -> None:
+        if proc._scope is not None:
+            proc._scope.cancel()
+        proc.exited = True
+        if self.processes.get(proc.pid) is proc:
+            del self.processes[proc.pid]
+
+    # ---- the store ------------------------------------------------------------------------
+
+    def _all_engines(self) -> list[CData]:
+        out = []
+        for p in self.processes.values():
+            if p.uffd is not None and p.uffd._engine is not None:
+                out.append(p.uffd._engine)
+        for o in self._orphans:
+            if o.uffd._engine is not None:
+                out.append(o.uffd._engine)
+        return out
+
+    def _arena_of(self, addr: int) -> Arena | None:
+        for ar in self._arenas:
+            if ar.contains(addr):
+                return ar
+        return None
+
+    def _gc(self, grace: float = 1.0) -> None:
+        """Free store extents that no rule of any live engine points into any more (after
+        ``grace`` seconds, so that a copy the engine started just before cannot read freed
+        memory)."""
+        if not self._extents:
+            return
+        import bisect
+
+        exts = sorted(self._extents, key=lambda x: x.arena.base + x.off)
+        starts = [x.arena.base + x.off for x in exts]
+        used = [False] * len(exts)
+        for eng in self._all_engines():
+            n = lib.uf_rules_count(eng)
+            if not n:
+                continue
+            out = ffi.new("uint64_t[]", 4 * n)
+            n = lib.uf_rules_list(eng, 0, out, n)
+            for i in range(n):
+                if out[4 * i + 2] in (C.RULE_BUFFER, C.RULE_HOLD):
+                    src = out[4 * i + 3]
+                    k = bisect.bisect_right(starts, src) - 1
+                    if k >= 0 and src < starts[k] + exts[k].length:
+                        used[k] = True
+        now = time.monotonic()
+        keep = []
+        for x, u in zip(exts, used):
+            if u:
+                x.unused_since = None
+                keep.append(x)
+            elif x.unused_since is None:
+                x.unused_since = now
+                keep.append(x)
+            elif now - x.unused_since < grace:
+                keep.append(x)
+            else:
+                x.arena.release(x.off, x.length)
+        self._extents = keep
+
+    def statistics(self) -> dict[str, Any]:
+        procs = [p.statistics() for p in self.history]
+        total: dict[str, Any] = {}
+        for key in ("faults", "resolved", "forwarded", "events", "pages_evicted", "evictions",
+                    "pages_skipped", "fences", "retried"):
+            total[key] = sum(int(p.get(key, 0) or 0) for p in procs)
+        total["registered_pages_max"] = sum(p["registered_pages_max"] for p in procs)
+        total["processes"] = len(procs)
+        total["unmanaged"] = [
+            {"pid": p["pid"], "reason": p["unmanaged_reason"]} for p in procs if p["unmanaged_reason"]
+        ]
+        total["refused"] = [{"pid": pid, "reason": r} for pid, r in self.refused]
+        total["store_bytes"] = sum(a.used_bytes for a in self._arenas)
+        total["recovered_pages"] = self.recovered_pages
+        total["per_process"] = procs
+        return total
+
+
+def _unmanaged_reason(err: int) -> str:
+    if err in (errno.EPERM, errno.EACCES):
+        return (
+            "userfaultfd() is not permitted for it (vm.unprivileged_userfaultfd=0 and no "
+            "CAP_SYS_PTRACE); a user-mode-only uffd would make its own system calls fail with "
+            "EFAULT, so it is left alone. Fix: run as root, or 'sysctl "
+            "vm.unprivileged_userfaultfd=1', or give its user access to /dev/userfaultfd"
+        )
+    return f"its userfaultfd could not be set up: {os.strerror(err)}"
+
+
+@contextlib.asynccontextmanager
+async def manage(
+    argv: Sequence[str], *, socket_path: str | None = None, **popen: Any
+) -> AsyncIterator[Spawned]:
+    """``async with uffdio.manage(argv) as prog:`` starts ``argv`` under a new
+    :class:`Manager`; ``await prog.process()`` gives its :class:`ManagedProcess`,
+    ``await prog.wait()`` its exit code."""
+    async with Manager(socket_path) as m:
+        prog = m.spawn(argv, **popen)
+        try:
+            yield prog
+        except BaseException:
+            if prog.returncode is None:
+                prog.send_signal(signal.SIGKILL)
+            raise
+        finally:
+            if prog.returncode is None:
+                with anyio.CancelScope(shield=True):
+                    await prog.wait()
