@@ -1020,6 +1020,8 @@ class Userfaultfd:
         event: AnyEvent
         if ev == Event.FORK:
             child = Userfaultfd.from_fd(a & 0xFFFFFFFF, int(self.features))
+            child.engine_flags = self.engine_flags  # before the engine is made
+            child.multishot = self.multishot
             child._fault_handler = self._fault_handler
             child._event_handlers = {k: list(v) for k, v in self._event_handlers.items()}
             ce = child._engine_handle()
@@ -1027,7 +1029,6 @@ class Userfaultfd:
                 check(lib.uf_rules_adopt_fork(ce, self._engine, a & 0xFFFFFFFF), "resolver.copy")
             child.resolver._keep = self.resolver._keep
             child._thread_mode_hint = self._thread_mode
-            child.engine_flags = self.engine_flags
             event = ForkEvent(self, child)
             if self.on_fork_child is not None:
                 await self.on_fork_child(child)

@@ -14,8 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    from . import bench, doctor
+    from . import bench, doctor, run
 
+    run.add_parser(sub)
     doctor.add_parser(sub)
     bench.add_parser(sub)
     return p

@@ -861,9 +861,8 @@ class Manager:
                 if o.token is None:
                     o.token = os.urandom(16) * (PAGE // 16)
                     o.probe = probe
-                    src = ffi.from_buffer(o.token)
                     with contextlib.suppress(UffdError):
-                        await o.uffd.copy(probe, src, PAGE)
+                        await o.uffd.copy(probe, o.token, PAGE)
                 if o.probe != probe:
                     continue
                 got = bytearray(PAGE)

@@ -1,0 +1,195 @@
+"""``uffdio run``, ``uffdio serve`` and ``uffdio agent-path``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import anyio
+
+from ._errors import UffdError, UffdProcessGone
+from .agent import library_path
+from .manage import Manager, Spawned
+
+FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "run",
+        help="run a command with its memory managed by uffdio",
+        description=(
+            "Run CMD with the uffdio agent (LD_PRELOAD): its anonymous memory and that of its "
+            "children is registered with userfaultfd and served by this process. Signals are "
+            "forwarded; the exit status is CMD's."
+        ),
+    )
+    p.add_argument("--socket", metavar="PATH", help="agent socket (default: a private temp path)")
+    p.add_argument("--stats-json", metavar="PATH", help="write final statistics as JSON")
+    p.add_argument(
+        "--churn", metavar="SECONDS", type=float, default=0.0,
+        help="testing aid: evict every resident managed page every SECONDS",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_run)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve agents connecting to a socket (and take over from a killed manager)",
+        description=(
+            "Serve every process whose agent connects to PATH, until SIGTERM/SIGINT. A process "
+            "whose manager died reconnects here and continues with its evicted pages intact."
+        ),
+    )
+    s.add_argument("--socket", metavar="PATH", required=True)
+    s.add_argument("--churn", metavar="SECONDS", type=float, default=0.0)
+    s.add_argument("--stats-json", metavar="PATH")
+    s.add_argument("--exit-when-idle", action="store_true",
+                   help="exit when the last process it manages has exited")
+    s.set_defaults(func=cmd_serve)
+
+    a = sub.add_parser("agent-path", help="print the path of the agent library (LD_PRELOAD)")
+    a.set_defaults(func=lambda args: print(library_path()))
+
+
+async def churn(m: Manager, every: float) -> None:
+    while True:
+        await anyio.sleep(every)
+        for p in list(m.processes.values()):
+            if not p.managed:
+                continue
+            try:
+                await p.evict()
+            except UffdProcessGone:
+                continue  # exited meanwhile
+            except UffdError as exc:  # e.g. no UFFDIO_MOVE: say so, go on serving
+                if not p.exited:
+                    print(f"uffdio: pid {p.pid}: eviction failed: {exc}", file=sys.stderr)
+
+
+def _foreground() -> bool:
+    """Is this process in the terminal's foreground group?  Then the terminal's SIGINT and
+    SIGQUIT already reached the command, which shares the group."""
+    try:
+        return os.tcgetpgrp(sys.stdin.fileno()) == os.getpgrp()
+    except OSError:
+        return False
+
+
+async def forward_signals(prog: Spawned) -> None:
+    with anyio.open_signal_receiver(*FORWARDED) as sigs:
+        async for sig in sigs:
+            if sig in (signal.SIGINT, signal.SIGQUIT) and _foreground():
+                continue
+            prog.send_signal(sig)
+
+
+def _summary(m: Manager, extra: dict[str, Any]) -> dict[str, Any]:
+    st = m.statistics()
+    out: dict[str, Any] = dict(extra)
+    out.update(
+        faults=st["faults"],
+        faults_resolved=st["resolved"],
+        events=st["events"],
+        pages_registered=st["registered_pages_max"],
+        pages_evicted=st["pages_evicted"],
+        evictions=st["evictions"],
+        pages_skipped=st["pages_skipped"],
+        fork_fences=st["fences"],
+        store_bytes=st["store_bytes"],
+        recovered_pages=st["recovered_pages"],
+        processes=st["processes"],
+        unmanaged=st["unmanaged"],
+        refused=st["refused"],
+        per_process=st["per_process"],
+    )
+    return out
+
+
+def _write_stats(path: str | None, data: dict[str, Any]) -> None:
+    if path:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+
+
+async def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise SystemExit("uffdio run: no command given (uffdio run [options] -- CMD [ARGS...])")
+    t0 = time.monotonic()
+    async with Manager(args.socket) as m:
+        prog = m.spawn(cmd)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(forward_signals, prog)
+            if args.churn > 0:
+                tg.start_soon(churn, m, args.churn)
+            code = await prog.wait()
+            tg.cancel_scope.cancel()
+        summary = _summary(
+            m,
+            {
+                "command": cmd,
+                "exit_code": code,
+                "wall_s": round(time.monotonic() - t0, 3),
+                # the kernel's own account: ru_maxrss of CMD (and descendants it waited for)
+                "peak_resident_bytes": int(prog.rusage.ru_maxrss) * 1024 if prog.rusage else None,
+            },
+        )
+    return code, summary
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    code, summary = anyio.run(_run, args)
+    _write_stats(args.stats_json, summary)
+    if not args.quiet:
+        print(
+            f"uffdio: {summary['command'][0]} exited {code}; {summary['processes']} process(es), "
+            f"{summary['faults']} faults served, {summary['pages_evicted']} pages evicted, "
+            f"peak RSS {(summary['peak_resident_bytes'] or 0) >> 20} MiB",
+            file=sys.stderr,
+        )
+        for u in summary["unmanaged"]:
+            print(f"uffdio: pid {u['pid']} was not managed: {u['reason']}", file=sys.stderr)
+    if code < 0:  # killed by a signal: die the same way, so the shell sees it
+        sys.stdout.flush()
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        return 128 - code
+    return code
+
+
+async def _serve(args: argparse.Namespace) -> dict[str, Any]:
+    async with Manager(args.socket) as m:
+        async with anyio.create_task_group() as tg:
+            if args.churn > 0:
+                tg.start_soon(churn, m, args.churn)
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_signal)
+            if args.exit_when_idle:
+                while not m.history or m.processes:
+                    await anyio.sleep(0.05)
+                tg.cancel_scope.cancel()
+        return _summary(m, {})
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    summary = anyio.run(_serve, args)
+    _write_stats(args.stats_json, summary)
+    return 0
