@@ -455,7 +455,9 @@ class ManagedProcess:
             anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
             self._sock.sendmsg([data], anc)
             self.stats["snapshots"] += 1
-        except (BlockingIOError, OSError) as exc:
+        except (BrokenPipeError, ConnectionError):
+            pass  # the process is exiting or exec'ing: nothing left to recover
+        except OSError as exc:
             log.warning("pid %d: recovery snapshot not sent: %s", self.pid, exc)
         finally:
             os.close(fd)
@@ -749,7 +751,7 @@ class Manager:
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             raise
         except Exception as exc:  # one bad agent must not take the manager down
-            log.warning("agent connection failed: %s", exc)
+            log.warning("agent connection failed: %s", exc, exc_info=True)
         finally:
             conn.close()
             if proc is not None:
@@ -894,16 +896,18 @@ class Manager:
                 tg.start_soon(self._reader, proc, tg)
                 if pidfd >= 0:
                     tg.start_soon(self._watch_exit, proc, pidfd, tg)
-                await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
-                await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
-                if proc.resumed:
-                    await proc._recover_finish()
-                # empty the scratch area: a paired child's probe page, or a copy of pages
-                # its parent was evicting when it forked (their rules were settled)
-                with contextlib.suppress(UffdError):
+                try:
+                    await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
+                    await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
+                    if proc.resumed:
+                        await proc._recover_finish()
+                    # empty the scratch area: a paired child's probe page, or a copy of
+                    # pages its parent was evicting when it forked (their rules are settled)
                     await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
-                await proc.scan()
-                proc._write_snapshot()
+                    await proc.scan()
+                    proc._write_snapshot()
+                except (UffdProcessGone, BrokenPipeError, ConnectionError):
+                    pass  # it exited or exec'd already
                 await proc._gone.wait()
                 tg.cancel_scope.cancel()
         finally:
