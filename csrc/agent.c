@@ -36,6 +36,7 @@
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
+#include <link.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -66,6 +67,7 @@
 #define MSGBYTES (sizeof(struct uf_agent_hdr) + UF_AGENT_MAXWORDS * 8)
 #define MAPSBUF (64UL << 10)
 #define MAXKEPT 16
+#define MAXDATA 512
 
 struct agent {
 	int uffd;       /* our own duplicate; -1 until we have one */
@@ -78,6 +80,7 @@ struct agent {
 	uint64_t scratch, scratch_len;
 	uint64_t region, region_len; /* this struct, buffers and the thread's stack */
 	pthread_mutex_t send_lock;
+	pthread_mutex_t move_lock; /* a MOVE request vs. mlock() noting a range */
 	pthread_mutex_t fence_lock;
 	pthread_cond_t fence_cv;
 	uint64_t seq, fence_seq, fence_done_seq;
@@ -85,6 +88,9 @@ struct agent {
 	pthread_t thr;
 	uint64_t locked[MAXLOCKED][2];
 	size_t nlocked;
+	uint64_t data[MAXDATA][2]; /* writable segments (.data/.bss) of loaded objects */
+	size_t ndata;
+	int relaxed;               /* walk_maps for DETACH: every anonymous mapping */
 	int64_t kept_tag[MAXKEPT];
 	int kept_fd[MAXKEPT];
 	int nkept;
@@ -290,13 +296,9 @@ static int overlaps(uint64_t s, uint64_t e, uint64_t s2, uint64_t len2)
  * read-only or PROT_NONE area has nothing to evict.  Skipped on purpose:
  * [stack] (hot, grows down: the growth would not be registered anyway), the
  * agent's own region and scratch, and mlock()ed ranges (the program asked for
- * them to stay resident; pinned I/O buffers usually are), and the .bss of every
- * loaded object (the anonymous mapping that directly follows a file mapping):
- * libc's and the loader's globals live there, and the agent thread reads them
- * (a mutex's elision flag, the loader's state) - if such a page were being
- * evicted, the agent would wait on a fault that only its own reply can end. */
-static int manageable(uint64_t s, uint64_t e, const char *perms, unsigned long inode, const char *name,
-		      uint64_t prev_end, unsigned long prev_inode)
+ * them to stay resident; pinned I/O buffers usually are).  The .bss of every
+ * loaded object is cut out by the caller (see note_data). */
+static int manageable(uint64_t s, uint64_t e, const char *perms, unsigned long inode, const char *name)
 {
 	size_t i;
 
@@ -304,14 +306,65 @@ static int manageable(uint64_t s, uint64_t e, const char *perms, unsigned long i
 		return 0;
 	if (name[0] && strcmp(name, "[heap]") != 0 && strncmp(name, "[anon:", 6) != 0)
 		return 0;
-	if (!name[0] && s == prev_end && prev_inode != 0)
-		return 0;
 	if (overlaps(s, e, A->region, A->region_len) || overlaps(s, e, A->scratch, A->scratch_len))
 		return 0;
+	if (A->relaxed)
+		return 1;
 	for (i = 0; i < A->nlocked; i++)
 		if (overlaps(s, e, A->locked[i][0], A->locked[i][1]))
 			return 0;
 	return 1;
+}
+
+/* The writable segments of every loaded object, from the program headers.  Their
+ * anonymous part (.bss) holds libc's and the loader's globals, which the agent
+ * thread reads (a mutex's elision flag, the loader's state): were such a page
+ * being evicted, the agent would wait on a fault that only its own reply can
+ * end.  They are small; they stay unmanaged. */
+static int data_cb(struct dl_phdr_info *info, size_t size, void *arg)
+{
+	int i;
+
+	(void)size;
+	(void)arg;
+	for (i = 0; i < info->dlpi_phnum; i++) {
+		const ElfW(Phdr) *ph = &info->dlpi_phdr[i];
+		if (ph->p_type != PT_LOAD || !(ph->p_flags & PF_W) || A->ndata >= MAXDATA)
+			continue;
+		uint64_t st = (info->dlpi_addr + ph->p_vaddr) & ~(PAGE - 1);
+		uint64_t en = (info->dlpi_addr + ph->p_vaddr + ph->p_memsz + PAGE - 1) & ~(PAGE - 1);
+		A->data[A->ndata][0] = st;
+		A->data[A->ndata][1] = en - st;
+		A->ndata++;
+	}
+	return 0;
+}
+
+static void note_data(void)
+{
+	A->ndata = 0;
+	dl_iterate_phdr(data_cb, NULL);
+}
+
+/* Call fn on the parts of [s, e) outside every loaded object's writable segment. */
+static void each_piece(uint64_t s, uint64_t e, void (*fn)(uint64_t s, uint64_t e, void *arg), void *arg)
+{
+	size_t i;
+
+	if (A->relaxed) {
+		fn(s, e, arg);
+		return;
+	}
+	for (i = 0; i < A->ndata && s < e; i++) {
+		uint64_t ds = A->data[i][0], de = ds + A->data[i][1];
+		if (de <= s || ds >= e)
+			continue;
+		if (ds > s)
+			each_piece(s, ds, fn, arg); /* the part before, checked against the rest */
+		s = de;
+	}
+	if (s < e)
+		fn(s, e, arg);
 }
 
 static uint64_t hexnum(const char **p)
@@ -367,8 +420,6 @@ static int walk_maps(void (*fn)(uint64_t s, uint64_t e, void *arg), void *arg)
 {
 	int fd = open("/proc/self/maps", O_RDONLY | O_CLOEXEC);
 	size_t have = 0;
-	uint64_t prev_end = 0;
-	unsigned long prev_inode = 0;
 
 	if (fd < 0)
 		return -errno;
@@ -388,12 +439,9 @@ static int walk_maps(void (*fn)(uint64_t s, uint64_t e, void *arg), void *arg)
 			unsigned long inode;
 			const char *name;
 			*nl = 0;
-			if (parse_line(line, &s, &e, perms, &inode, &name) == 0) {
-				if (manageable(s, e, perms, inode, name, prev_end, prev_inode))
-					fn(s, e, arg);
-				prev_end = e;
-				prev_inode = inode;
-			}
+			if (parse_line(line, &s, &e, perms, &inode, &name) == 0 &&
+			    manageable(s, e, perms, inode, name))
+				each_piece(s, e, fn, arg);
 			line = nl + 1;
 		}
 		have = (size_t)(A->maps + have - line);
@@ -439,11 +487,34 @@ static void unregister_one(uint64_t s, uint64_t e, void *arg)
 /* Move one run to the scratch area.  Appends the (src, len) pieces that moved.
  * Pages the kernel refuses (EBUSY: shared or pinned; ENOENT/EINVAL: the mapping
  * changed) are skipped one at a time and stay where they are. */
+static int is_locked(uint64_t s, uint64_t len)
+{
+	size_t i;
+
+	if (A->lockall)
+		return 1;
+	for (i = 0; i < A->nlocked; i++)
+		if (overlaps(s, s + len, A->locked[i][0], A->locked[i][1]))
+			return 1;
+	return 0;
+}
+
 static void move_run(uint64_t src, uint64_t dst, uint64_t len, uint64_t *out, uint64_t *nout,
 		     uint64_t max, int64_t *skipped)
 {
 	uint64_t off = 0;
 	int tries = 0;
+
+	/* The manager's list of regions may be a moment old: the program may have
+	 * unmapped the range and mapped something new there (glibc does, inside
+	 * malloc), which nobody registered yet.  A page moved out of an unregistered
+	 * mapping would read as zeros, so make sure the source is registered with
+	 * our uffd (a no-op when it is; EBUSY when it belongs to another uffd) and
+	 * skip it otherwise.  mlock()ed ranges stay put. */
+	if (is_locked(src, len) || uffd_register(A->uffd, src, len) < 0) {
+		*skipped += (int64_t)(len / PAGE);
+		return;
+	}
 
 	while (off < len) {
 		struct uffdio_move m = { .dst = dst + off, .src = src + off, .len = len - off,
@@ -489,8 +560,10 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 			rc = -EBADF;
 			break;
 		}
-		if (!A->lockall)
+		if (!A->lockall) {
+			note_data(); /* libraries loaded since the last scan */
 			rc = walk_maps(register_one, &o);
+		}
 		nout = o.n;
 		aux = o.busy;
 		break;
@@ -506,7 +579,9 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 				rc = -EINVAL; /* only ever into our own scratch area */
 				break;
 			}
+			pthread_mutex_lock(&A->move_lock);
 			move_run(w[i], w[i + 1], w[i + 2], out, &nout, UF_AGENT_MAXWORDS, &aux);
+			pthread_mutex_unlock(&A->move_lock);
 		}
 		break;
 	case UF_M_DONTNEED:
@@ -559,7 +634,11 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 		return; /* no reply */
 	case UF_M_DETACH:
 		if (A->uffd >= 0) {
+			/* everything, even what the rules above would no longer pick: whatever
+			 * we registered earlier (another uffd's ranges refuse with EINVAL) */
+			A->relaxed = 1;
 			walk_maps(unregister_one, NULL);
+			A->relaxed = 0;
 			uffd_unregister(A->uffd, A->scratch, A->scratch_len);
 		}
 		A->detached = 1;
@@ -652,6 +731,7 @@ static int alloc_region(void)
 static void init_locks(void)
 {
 	pthread_mutex_init(&A->send_lock, NULL);
+	pthread_mutex_init(&A->move_lock, NULL);
 	pthread_mutex_init(&A->fence_lock, NULL);
 	pthread_cond_init(&A->fence_cv, NULL);
 }
@@ -794,6 +874,10 @@ EXPORT void *mmap(void *addr, size_t len, int prot, int flags, int fd, off_t off
 EXPORT void *mmap64(void *addr, size_t len, int prot, int flags, int fd, off_t off)
 	__attribute__((alias("mmap")));
 
+/* An mlock()ed range is never evicted again.  It stays registered: unregistering
+ * would turn pages that are evicted right now into zeros; the mlock() that follows
+ * faults them back in through the manager.  The move lock orders this against a
+ * MOVE in progress, which finishes before the range is noted. */
 static void note_locked(const void *addr, size_t len)
 {
 	uint64_t s = (uint64_t)(uintptr_t)addr & ~(PAGE - 1);
@@ -801,15 +885,15 @@ static void note_locked(const void *addr, size_t len)
 
 	if (!A)
 		return;
+	pthread_mutex_lock(&A->move_lock);
 	if (A->nlocked < MAXLOCKED) {
 		A->locked[A->nlocked][0] = s;
 		A->locked[A->nlocked][1] = e - s;
 		A->nlocked++;
+	} else {
+		A->lockall = 1; /* out of room: stop evicting from this process at all */
 	}
-	/* bring the range back under the program's control: the kernel faults every
-	 * page in for mlock, and those faults must not depend on us afterwards */
-	if (A->uffd >= 0)
-		uffd_unregister(A->uffd, s, e - s);
+	pthread_mutex_unlock(&A->move_lock);
 }
 
 EXPORT int mlock(const void *addr, size_t len)
@@ -827,9 +911,9 @@ EXPORT int mlock2(const void *addr, size_t len, unsigned int flags)
 EXPORT int mlockall(int flags)
 {
 	if (A) {
+		pthread_mutex_lock(&A->move_lock);
 		A->lockall = 1;
-		if (A->uffd >= 0)
-			walk_maps(unregister_one, NULL);
+		pthread_mutex_unlock(&A->move_lock);
 	}
 	return (int)syscall(SYS_mlockall, flags);
 }

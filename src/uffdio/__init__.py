@@ -38,6 +38,9 @@ from ._uffd import (
     Userfaultfd,
 )
 
+from . import agent
+from .manage import ManagedProcess, Manager, Spawned, manage
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -74,4 +77,9 @@ __all__ = [
     "Resolver",
     "UnmapEvent",
     "Userfaultfd",
+    "Manager",
+    "ManagedProcess",
+    "Spawned",
+    "manage",
+    "agent",
 ]

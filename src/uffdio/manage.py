@@ -906,6 +906,12 @@ class Manager:
                     await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
                     await proc.scan()
                     proc._write_snapshot()
+                    if proc.resumed:
+                        # Faults the dead manager had read but not resolved are lost with
+                        # it; their threads still wait.  Wake every registered range: a
+                        # thread whose page is still missing faults again, to us.
+                        for s, n in proc.regions:
+                            lib.uf_wake(proc.uffd.fileno(), s, n)
                 except (UffdProcessGone, BrokenPipeError, ConnectionError):
                     pass  # it exited or exec'd already
                 await proc._gone.wait()

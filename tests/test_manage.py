@@ -1,0 +1,400 @@
+"""Managing other processes through the agent: spawn, evict, every memory event, exit,
+a killed manager, bad input.  Real programs, real uffds; every byte checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+
+import uffdio
+from uffdio.manage import Manager
+
+from conftest import requires
+
+pytestmark = [pytest.mark.anyio, requires(uffdio.Feature.MOVE, kernel=(6, 8))]
+
+HERE = Path(__file__).parent
+PROGS = HERE / "progs"
+PAGE = 4096
+UFFDIO = [sys.executable, "-m", "uffdio"]
+#: an interpreter another user can run (the venv's may live under /root)
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+@pytest.fixture(scope="session")
+def memtest(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("bin") / "memtest"
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(PROGS / "memtest.c")], check=True
+    )
+    return str(out)
+
+
+class Prog:
+    """A tests/progs/pytarget.py process started by a Manager."""
+
+    def __init__(
+        self, m: Manager, size: int = 16 << 20, python: str = sys.executable, **kw: object
+    ) -> None:
+        self.spawned = m.spawn(
+            [python, str(PROGS / "pytarget.py"), str(size)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, **kw,
+        )
+        self.popen = self.spawned.popen
+
+    async def cmd(self, *args: object, timeout: float = 30) -> str:
+        assert self.popen.stdin and self.popen.stdout
+        self.popen.stdin.write(" ".join(map(str, args)) + "\n")
+        self.popen.stdin.flush()
+        with anyio.fail_after(timeout):
+            line = await anyio.to_thread.run_sync(self.popen.stdout.readline, abandon_on_cancel=True)
+        assert line, f"program exited (rc={self.popen.poll()})"
+        return line.strip()
+
+    async def close(self) -> int:
+        await self.cmd("exit")
+        rc = await self.spawned.wait()
+        self.popen.stdin.close()
+        self.popen.stdout.close()
+        return rc
+
+
+def region_of(proc: uffdio.ManagedProcess, addr: int) -> tuple[int, int]:
+    for s, n in proc.regions:
+        if s <= addr < s + n:
+            return s, n
+    raise AssertionError(f"{addr:#x} not registered: {proc.regions}")
+
+
+def rules(proc: uffdio.ManagedProcess, kind: int) -> int:
+    from uffdio._lib import ffi, lib
+
+    e = proc.uffd._engine_handle()
+    out = ffi.new("uint64_t[]", 4 * max(1, lib.uf_rules_count(e)))
+    n = lib.uf_rules_list(e, kind, out, lib.uf_rules_count(e))
+    return sum((out[4 * i + 1] - out[4 * i]) // PAGE for i in range(n))
+
+
+# ---- the API ------------------------------------------------------------------------------
+
+
+async def test_spawn_evict_and_read_back() -> None:
+    """Every resident page of the region is moved out (the kernel's RSS drops), and every
+    byte comes back on access."""
+    async with Manager() as m:
+        prog = Prog(m, 32 << 20)
+        proc = await prog.spawned.process()
+        addr, digest = (await prog.cmd("fill", 1)).split()
+        rss_before = int(await prog.cmd("rss"))
+        await proc.scan()
+        region_of(proc, int(addr))
+        n = await proc.evict([(int(addr), 32 << 20)])
+        assert n == (32 << 20) // PAGE  # all of it: nothing shared, nothing pinned
+        rss_after = int(await prog.cmd("rss"))
+        assert rss_before - rss_after >= 30 << 10  # KiB: the kernel freed the pages
+        assert await prog.cmd("digest") == digest
+        st = proc.statistics()
+        assert st["pages_evicted"] == n and st["faults"] >= n // 16
+        assert await prog.close() == 0
+
+
+async def test_evict_twice_and_writes_between() -> None:
+    """Re-evicting pages that came back and were written stores the new contents."""
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        addr, _ = (await prog.cmd("fill", 2)).split()
+        await proc.evict()
+        await prog.cmd("write", 0, 4 << 20, 7)
+        want = await prog.cmd("digest")
+        assert await proc.evict() > 0
+        assert await prog.cmd("digest") == want
+        await prog.close()
+
+
+async def test_madvise_dontneed_of_evicted_pages_reads_zeros() -> None:
+    """The application's own discard voids the saved copy: zeros, as the kernel promises."""
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        await prog.cmd("fill", 3)
+        rest = await prog.cmd("digest", 4 << 20, 4 << 20)
+        await proc.evict()
+        assert await prog.cmd("zero", 0, 4 << 20) == "0"
+        assert await prog.cmd("iszero", 0, 4 << 20) == "1"
+        assert await prog.cmd("digest", 4 << 20, 4 << 20) == rest
+        await prog.close()
+
+
+async def test_mremap_moves_evicted_pages() -> None:
+    """Evicted pages moved by mremap come back at the new address."""
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        addr, digest = (await prog.cmd("fill", 4)).split()
+        assert await proc.evict() >= (8 << 20) // PAGE
+        new = int(await prog.cmd("mremap", 64 << 20))  # grow: the kernel moves it
+        assert new != int(addr)
+        assert await prog.cmd("digest", 0, 8 << 20) == digest
+        assert await prog.cmd("iszero", 8 << 20, 56 << 20) == "1"
+        await prog.close()
+
+
+async def test_munmap_drops_saved_pages() -> None:
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        await prog.cmd("fill", 5)
+        head = await prog.cmd("digest", 0, 4 << 20)
+        await proc.evict()
+        held = rules(proc, 2)
+        assert await prog.cmd("munmap", 4 << 20, 4 << 20) == "0"
+        await anyio.sleep(0.05)
+        assert rules(proc, 2) <= held - 1024  # the unmapped half's copies are gone
+        assert await prog.cmd("digest", 0, 4 << 20) == head
+        await prog.close()
+
+
+async def test_fork_child_reads_evicted_pages() -> None:
+    """A child forked while pages are evicted reads the parent's data; its own writes stay
+    in the child; it is managed too (its own uffd, matched to its pid)."""
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        _, digest = (await prog.cmd("fill", 6)).split()
+        await proc.evict()
+        child_digest, status, parent_digest = (await prog.cmd("fork")).split()
+        assert child_digest == digest and status == "0" and parent_digest == digest
+        st = m.statistics()
+        assert st["processes"] == 2, st["per_process"]
+        assert not st["unmanaged"]
+        await prog.close()
+
+
+async def test_release_gives_the_process_back() -> None:
+    """release(): evicted pages come back first, then nothing stays registered."""
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        _, digest = (await prog.cmd("fill", 7)).split()
+        await proc.evict()
+        await proc.release()
+        smaps = Path(f"/proc/{prog.spawned.pid}/smaps").read_text()
+        flags = [ln for ln in smaps.splitlines() if ln.startswith("VmFlags")]
+        assert not any(" um" in f for f in flags)  # no uffd-missing mapping left
+        assert await prog.cmd("digest") == digest
+        await prog.close()
+
+
+async def test_python_program_starts_agent_itself(tmp_path: Path) -> None:
+    """A Python program that cooperates without LD_PRELOAD (uffdio.agent.start)."""
+    sock = str(tmp_path / "m.sock")
+    async with Manager(sock) as m:
+        env = dict(os.environ, PYTHONPATH=str(Path(uffdio.__file__).parent.parent))
+        p = subprocess.Popen(
+            [sys.executable, str(PROGS / "pytarget.py"), str(4 << 20)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+        )
+        try:
+            async def cmd(*a: object) -> str:
+                p.stdin.write(" ".join(map(str, a)) + "\n")
+                p.stdin.flush()
+                with anyio.fail_after(30):
+                    return (await anyio.to_thread.run_sync(p.stdout.readline,
+                                                           abandon_on_cancel=True)).strip()
+
+            _, digest = (await cmd("fill", 8)).split()
+            assert await cmd("agent", sock) == "ok"
+            proc = await m.wait_process(p.pid)
+            assert await proc.evict() >= (4 << 20) // PAGE
+            assert await cmd("digest") == digest
+            assert await cmd("agent-stop") == "ok"  # released: pages back, unregistered
+            assert await cmd("digest") == digest
+            assert await cmd("exit") == "bye"
+        finally:
+            p.kill()
+            p.wait()
+
+
+async def test_exit_frees_everything() -> None:
+    """After the program exits: no process left in the manager, no zombie, no fd leak."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    async with Manager() as m:
+        for _ in range(3):
+            prog = Prog(m, 4 << 20)
+            proc = await prog.spawned.process()
+            await prog.cmd("fill", 9)
+            await proc.evict()
+            assert await prog.close() == 0
+            await _until(lambda: proc.pid not in m.processes, "retire")
+        assert m.processes == {}
+    assert len(os.listdir("/proc/self/fd")) <= fds_before
+    zombies = subprocess.run(["ps", "-o", "stat=", "--ppid", str(os.getpid())],
+                             capture_output=True, text=True).stdout
+    assert "Z" not in zombies
+
+
+async def _until(pred, what: str, timeout: float = 10.0) -> None:  # noqa: ASYNC109
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+# ---- uffdio run -----------------------------------------------------------------------------
+
+
+def run(args: list[str], timeout: float = 120, **kw: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(UFFDIO + args, capture_output=True, text=True, timeout=timeout, **kw)
+
+
+@pytest.mark.parametrize("churn", [None, "0.02"], ids=["plain", "churn"])
+def test_run_memtest(memtest: str, tmp_path: Path, churn: str | None) -> None:
+    """The C test program (malloc, realloc/mremap, mmap, munmap, madvise, threads, fork,
+    exec) under `uffdio run`, optionally with every page evicted every 20 ms."""
+    stats = tmp_path / "s.json"
+    extra = ["--churn", churn] if churn else []
+    r = run(["run", "--stats-json", str(stats), *extra, "--", memtest, "24", "8", "fet"])
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("memtest ok") == 2, r.stdout  # itself and its exec'd child
+    s = json.loads(stats.read_text())
+    assert s["exit_code"] == 0 and s["processes"] >= 3 and not s["unmanaged"]
+    assert s["faults"] > 0 and s["pages_registered"] > 0
+    assert s["peak_resident_bytes"] > 24 << 20
+    if churn:
+        assert s["pages_evicted"] > 0
+
+
+def test_run_exit_status_and_missing_command() -> None:
+    assert run(["run", "-q", "--", "sh", "-c", "exit 7"]).returncode == 7
+    r = run(["run", "--", "/nonexistent/prog"])
+    assert r.returncode != 0 and "command not found" in r.stderr
+    r = run(["run"])
+    assert r.returncode != 0 and "no command given" in r.stderr
+
+
+def test_run_forwards_signals() -> None:
+    p = subprocess.Popen(UFFDIO + ["run", "-q", "--", "sleep", "30"], stderr=subprocess.PIPE,
+                         start_new_session=True)
+    time.sleep(1.5)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=20) == -signal.SIGTERM  # CMD died of it, and so did uffdio run
+
+
+# ---- a manager killed with SIGKILL ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_killed_manager_resumes(memtest: str, tmp_path: Path) -> None:
+    """SIGKILL the manager while the target faults: the target waits (no zero page), a
+    restarted manager on the same socket takes over with the evicted pages, the target
+    finishes with every byte right."""
+    sock = str(tmp_path / "m.sock")
+    serve = UFFDIO + ["serve", "--socket", sock, "--churn", "0.02"]
+    first = subprocess.Popen(serve, stderr=subprocess.PIPE, text=True)
+    env = dict(os.environ, UFFDIO_AGENT_SOCK=sock, LD_PRELOAD=uffdio.agent.library_path())
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert time.monotonic() < deadline, "the manager did not start"
+        time.sleep(0.05)
+    target = subprocess.Popen([memtest, "24", "40", "t"], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(1.5)  # evicting
+        first.kill()
+        first.wait()
+        time.sleep(1.0)
+        assert target.poll() is None
+        wchan = {Path(f"/proc/{target.pid}/task/{t}/wchan").read_text()
+                 for t in os.listdir(f"/proc/{target.pid}/task")}
+        assert "handle_userfault" in wchan  # waiting, not reading zeros
+        stats = tmp_path / "s.json"
+        second = subprocess.run(
+            serve + ["--exit-when-idle", "--stats-json", str(stats)],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert second.returncode == 0, second.stderr
+        out, err = target.communicate(timeout=60)
+        assert target.returncode == 0, err
+        assert "memtest ok" in out
+        s = json.loads(stats.read_text())
+        assert s["recovered_pages"] > 0
+    finally:
+        target.kill()
+        first.kill()
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+async def test_socket_path_taken(tmp_path: Path) -> None:
+    sock = str(tmp_path / "m.sock")
+    async with Manager(sock):
+        with pytest.raises(uffdio.UffdError, match="another manager is listening"):
+            async with Manager(sock):
+                pass
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(uffdio.UffdError, match="is not a socket"):
+        async with Manager(str(f)):
+            pass
+    assert f.read_text() == "x"  # left alone
+
+
+async def test_stale_socket_is_taken_over(tmp_path: Path) -> None:
+    sock = str(tmp_path / "m.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(sock)
+    s.close()  # a dead manager's socket file
+    async with Manager(sock) as m:
+        prog = Prog(m, 1 << 20)
+        await prog.spawned.process()
+        await prog.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a program as another user")
+async def test_other_users_process_is_refused() -> None:
+    """A manager that may not manage other users' processes refuses them, clearly; the
+    program runs on, unmanaged and intact."""
+    async with Manager(allow_other_users=False) as m:
+        os.chmod(os.path.dirname(m.socket_path), 0o755)
+        os.chmod(m.socket_path, 0o777)
+        prog = Prog(m, 1 << 20, python=SYSTEM_PYTHON, user=65534, group=65534, cwd="/")
+        _, digest = (await prog.cmd("fill", 10)).split()
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0
+        assert m.refused and "belongs to uid 65534" in m.refused[0][1]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a program as another user")
+async def test_unprivileged_process_is_left_unmanaged_with_reason() -> None:
+    """A process that may not create a kernel-mode uffd (vm.unprivileged_userfaultfd=0)
+    is reported, not half-managed (a user-mode-only uffd would break its syscalls)."""
+    if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() != "0":
+        pytest.skip("vm.unprivileged_userfaultfd is 1 here")
+    async with Manager(allow_other_users=True) as m:
+        os.chmod(os.path.dirname(m.socket_path), 0o755)
+        prog = Prog(m, 1 << 20, python=SYSTEM_PYTHON, user=65534, group=65534, cwd="/")
+        proc = await prog.spawned.process()
+        assert not proc.managed
+        assert "vm.unprivileged_userfaultfd" in (proc.unmanaged_reason or "")
+        _, digest = (await prog.cmd("fill", 11)).split()
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0
+
+
+def test_agent_path_and_cli_help() -> None:
+    r = run(["agent-path"])
+    assert r.returncode == 0 and os.path.exists(r.stdout.strip())
+    assert shutil.which("gcc")
