@@ -62,7 +62,7 @@ ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "uffdio._native",
     '#include "uffdio.h"',
-    sources=[f"csrc/{n}" for n in ("ops.c", "engine.c", "floor.c", "target.c")],
+    sources=[f"csrc/{n}" for n in ("ops.c", "engine.c", "floor.c", "target.c", "inject.c")],
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-std=gnu11", *cflags, *extra],
     extra_link_args=[*libs, "-lpthread", *extra],

@@ -65,7 +65,6 @@ struct uf_syscall {
 	long ret;
 };
 
-int uf_inject(int pid, struct uf_syscall *calls, int n);
 
 #ifndef __x86_64__
 int uf_inject(int pid, struct uf_syscall *calls, int n)

@@ -128,6 +128,16 @@ int uf_rules_copy(uf_engine *dst, uf_engine *src);
 int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd);
 size_t uf_rules_count(uf_engine *e);
 
+/* ---- ptrace: system calls run inside a process that did not cooperate (inject.c) ---- */
+struct uf_syscall {
+	long nr;
+	long args[6];
+	long ret; /* raw kernel return: -errno on failure; -ECANCELED if it did not run */
+};
+/* Stop every thread of pid, run the calls in one of them, restore it exactly, detach.
+ * 0 or -errno (-ESRCH gone, -EPERM not permitted or already traced). */
+int uf_inject(int pid, struct uf_syscall *calls, int n);
+
 /* ---- the floor: the simplest correct handler, for benchmarks ------------------- */
 typedef struct uf_floor uf_floor;
 uf_floor *uf_floor_start(int uffd, uint64_t src_page, int cpu, int *err);

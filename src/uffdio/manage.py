@@ -242,11 +242,28 @@ class ManagedProcess:
         for ev, _box in self._replies.values():
             ev.set()
 
-    async def scan(self) -> list[tuple[int, int]]:
-        """Have the agent register new anonymous mappings; returns the registered regions."""
+    # ---- what only the process itself may do: through the agent (or, for an attached
+    # ---- process, injected system calls: see attach.py) -----------------------------------
+
+    async def _op_scan(self) -> Sequence[int]:
         r = await self.request(P.M_SCAN)
         check(r.a, "uffdio agent scan", f"pid {self.pid}")
-        self.regions = _addr_ranges(r.words)
+        return r.words
+
+    async def _op_move(self, triples: list[int]) -> tuple[Sequence[int], int]:
+        """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped)."""
+        r = await self.request(P.M_MOVE, triples)
+        if r.a < 0:
+            raise error_for(-r.a, "evict: UFFDIO_MOVE", f"pid {self.pid}")
+        return r.words, r.b
+
+    async def _op_dontneed(self, ranges: list[int]) -> None:
+        r = await self.request(P.M_DONTNEED, ranges)
+        check(r.a, "evict: emptying the scratch area", f"pid {self.pid}")
+
+    async def scan(self) -> list[tuple[int, int]]:
+        """Register new anonymous mappings; returns the registered regions."""
+        self.regions = _addr_ranges(await self._op_scan())
         self.stats["scans"] += 1
         pages = sum(n for _, n in self.regions) // PAGE
         self.stats["registered_pages_max"] = max(self.stats["registered_pages_max"], pages)
@@ -328,15 +345,11 @@ class ManagedProcess:
             placed.append((s, n, pos))
             pos += n
         self._write_snapshot(scratch_runs=placed)
-        moved_words: array.array[int] = array.array("Q")
         try:
-            r = await self.request(
-                P.M_MOVE, [w for s, n, p in placed for w in (s, self.scratch + p, n)]
+            moved_words, skipped = await self._op_move(
+                [w for s, n, p in placed for w in (s, self.scratch + p, n)]
             )
-            if r.a < 0:
-                raise error_for(-r.a, "evict: UFFDIO_MOVE", f"pid {self.pid}")
-            moved_words = r.words
-            self.stats["pages_skipped"] += r.b
+            self.stats["pages_skipped"] += skipped
         except BaseException:
             # nothing was moved, or we do not know: pages still in the scratch area are
             # found there by the recovery snapshot; drop the holds that moved nothing
@@ -366,8 +379,7 @@ class ManagedProcess:
         self._write_snapshot()
         used = max((o + n for o, n in filled), default=0)
         if used:
-            r = await self.request(P.M_DONTNEED, [self.scratch, used])
-            check(r.a, "evict: emptying the scratch area", f"pid {self.pid}")
+            await self._op_dontneed([self.scratch, used])
         self.stats["evictions"] += 1
         self.stats["pages_evicted"] += pages
         return pages
@@ -704,6 +716,29 @@ class Manager:
         except FileNotFoundError as exc:
             raise error_for(errno.ENOENT, "spawn", f"{argv[0]}: command not found") from exc
         return Spawned(self, proc)
+
+    async def attach(self, pid: int) -> ManagedProcess:
+        """Take charge of the running process ``pid`` with ptrace (see uffdio.attach)."""
+        from .attach import attach
+
+        return await attach(self, pid)
+
+    async def _start_attached(self, proc: ManagedProcess) -> None:
+        assert self._tg is not None and proc.uffd is not None
+        pidfd = os.pidfd_open(proc.pid)
+        proc._scope = anyio.CancelScope()
+        self._add(proc)
+        await self._tg.start(self._serve_uffd, proc.uffd, proc._scope)
+
+        async def watch() -> None:
+            try:
+                await anyio.wait_readable(pidfd)
+                proc.exited = True
+            finally:
+                os.close(pidfd)
+                self._retire(proc)
+
+        self._tg.start_soon(watch)
 
     async def wait_process(self, pid: int, timeout: float = 30.0) -> ManagedProcess:
         with anyio.fail_after(timeout):
