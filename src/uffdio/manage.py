@@ -64,7 +64,7 @@ from ._errors import (
     error_for,
 )
 from ._lib import CData, ffi, lib
-from ._uffd import Userfaultfd
+from ._uffd import Userfaultfd, _sole
 from .agent import library_path
 
 log = logging.getLogger("uffdio")
@@ -677,8 +677,15 @@ class Manager:
                             await p.release()
         finally:
             self._tg.cancel_scope.cancel()
-            res = await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
-            self._close()
+            try:
+                res = await self._tg.__aexit__(*exc)  # type: ignore[arg-type]
+            except BaseExceptionGroup as eg:
+                inner = _sole(eg)  # the body's own error, not wrapped in a group
+                if inner is eg:
+                    raise
+                raise inner from None
+            finally:
+                self._close()
         return res
 
     def _close(self) -> None:

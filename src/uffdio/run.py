@@ -55,6 +55,24 @@ def add_parser(sub: Any) -> None:
                    help="exit when the last process it manages has exited")
     s.set_defaults(func=cmd_serve)
 
+    t = sub.add_parser(
+        "attach",
+        help="take charge of a running process with ptrace (no agent needed)",
+        description=(
+            "Attach to PID with ptrace: a userfaultfd is created inside it and its anonymous "
+            "memory is registered and served until it exits, DURATION passes, or SIGINT/SIGTERM;"
+            " then every evicted page is brought back and the process is left as it was. "
+            "Needs CAP_SYS_PTRACE."
+        ),
+    )
+    t.add_argument("pid", type=int)
+    t.add_argument("--churn", metavar="SECONDS", type=float, default=0.0,
+                   help="testing aid: evict every resident managed page every SECONDS")
+    t.add_argument("--duration", metavar="SECONDS", type=float, default=0.0,
+                   help="give the process back after SECONDS (default: when it exits)")
+    t.add_argument("--stats-json", metavar="PATH")
+    t.set_defaults(func=cmd_attach)
+
     a = sub.add_parser("agent-path", help="print the path of the agent library (LD_PRELOAD)")
     a.set_defaults(func=lambda args: print(library_path()))
 
@@ -192,4 +210,37 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_serve(args: argparse.Namespace) -> int:
     summary = anyio.run(_serve, args)
     _write_stats(args.stats_json, summary)
+    return 0
+
+
+async def _attach(args: argparse.Namespace) -> dict[str, Any]:
+    async with Manager() as m:
+        proc = await m.attach(args.pid)
+        async with anyio.create_task_group() as tg:
+            if args.churn > 0:
+                tg.start_soon(churn, m, args.churn)
+
+            async def stop_on_signal() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+                    async for _ in sigs:
+                        tg.cancel_scope.cancel()
+
+            tg.start_soon(stop_on_signal)
+            deadline = time.monotonic() + args.duration if args.duration > 0 else None
+            while proc.managed and (deadline is None or time.monotonic() < deadline):
+                await anyio.sleep(0.05)
+            tg.cancel_scope.cancel()
+        if proc.managed:
+            await proc.release()
+        return _summary(m, {"pid": args.pid, "exited": proc.exited})
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    summary = anyio.run(_attach, args)
+    _write_stats(args.stats_json, summary)
+    print(
+        f"uffdio: pid {args.pid} {'exited' if summary['exited'] else 'given back'}; "
+        f"{summary['faults']} faults served, {summary['pages_evicted']} pages evicted",
+        file=sys.stderr,
+    )
     return 0
