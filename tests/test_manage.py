@@ -15,11 +15,10 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import requires
 
 import uffdio
 from uffdio.manage import Manager
-
-from conftest import requires
 
 pytestmark = [pytest.mark.anyio, requires(uffdio.Feature.MOVE, kernel=(6, 8))]
 
@@ -48,7 +47,11 @@ class Prog:
     ) -> None:
         self.spawned = m.spawn(
             [python, str(PROGS / "pytarget.py"), str(size)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, **kw,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            **kw,
         )
         self.popen = self.spawned.popen
 
@@ -57,7 +60,9 @@ class Prog:
         self.popen.stdin.write(" ".join(map(str, args)) + "\n")
         self.popen.stdin.flush()
         with anyio.fail_after(timeout):
-            line = await anyio.to_thread.run_sync(self.popen.stdout.readline, abandon_on_cancel=True)
+            line = await anyio.to_thread.run_sync(
+                self.popen.stdout.readline, abandon_on_cancel=True
+            )
         assert line, f"program exited (rc={self.popen.poll()})"
         return line.strip()
 
@@ -203,15 +208,21 @@ async def test_python_program_starts_agent_itself(tmp_path: Path) -> None:
         env = dict(os.environ, PYTHONPATH=str(Path(uffdio.__file__).parent.parent))
         p = subprocess.Popen(
             [sys.executable, str(PROGS / "pytarget.py"), str(4 << 20)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+            env=env,
         )
         try:
+
             async def cmd(*a: object) -> str:
                 p.stdin.write(" ".join(map(str, a)) + "\n")
                 p.stdin.flush()
                 with anyio.fail_after(30):
-                    return (await anyio.to_thread.run_sync(p.stdout.readline,
-                                                           abandon_on_cancel=True)).strip()
+                    return (
+                        await anyio.to_thread.run_sync(p.stdout.readline, abandon_on_cancel=True)
+                    ).strip()
 
             _, digest = (await cmd("fill", 8)).split()
             assert await cmd("agent", sock) == "ok"
@@ -236,11 +247,13 @@ async def test_exit_frees_everything() -> None:
             await prog.cmd("fill", 9)
             await proc.evict()
             assert await prog.close() == 0
-            await _until(lambda: proc.pid not in m.processes, "retire")
+            pid = proc.pid
+            await _until(lambda: pid not in m.processes, "retire")  # noqa: B023
         assert m.processes == {}
     assert len(os.listdir("/proc/self/fd")) <= fds_before
-    zombies = subprocess.run(["ps", "-o", "stat=", "--ppid", str(os.getpid())],
-                             capture_output=True, text=True).stdout
+    zombies = subprocess.run(
+        ["ps", "-o", "stat=", "--ppid", str(os.getpid())], capture_output=True, text=True
+    ).stdout
     assert "Z" not in zombies
 
 
@@ -285,8 +298,9 @@ def test_run_exit_status_and_missing_command() -> None:
 
 
 def test_run_forwards_signals() -> None:
-    p = subprocess.Popen(UFFDIO + ["run", "-q", "--", "sleep", "30"], stderr=subprocess.PIPE,
-                         start_new_session=True)
+    p = subprocess.Popen(
+        UFFDIO + ["run", "-q", "--", "sleep", "30"], stderr=subprocess.PIPE, start_new_session=True
+    )
     time.sleep(1.5)
     p.send_signal(signal.SIGTERM)
     assert p.wait(timeout=20) == -signal.SIGTERM  # CMD died of it, and so did uffdio run
@@ -308,21 +322,30 @@ def test_killed_manager_resumes(memtest: str, tmp_path: Path) -> None:
     while not os.path.exists(sock):
         assert time.monotonic() < deadline, "the manager did not start"
         time.sleep(0.05)
-    target = subprocess.Popen([memtest, "24", "40", "t"], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    target = subprocess.Popen(
+        [memtest, "24", "40", "t"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         time.sleep(1.5)  # evicting
         first.kill()
         first.wait()
         time.sleep(1.0)
         assert target.poll() is None
-        wchan = {Path(f"/proc/{target.pid}/task/{t}/wchan").read_text()
-                 for t in os.listdir(f"/proc/{target.pid}/task")}
+        wchan = {
+            Path(f"/proc/{target.pid}/task/{t}/wchan").read_text()
+            for t in os.listdir(f"/proc/{target.pid}/task")
+        }
         assert "handle_userfault" in wchan  # waiting, not reading zeros
         stats = tmp_path / "s.json"
         second = subprocess.run(
             serve + ["--exit-when-idle", "--stats-json", str(stats)],
-            capture_output=True, text=True, timeout=120,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert second.returncode == 0, second.stderr
         out, err = target.communicate(timeout=60)

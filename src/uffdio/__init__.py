@@ -38,10 +38,21 @@ from ._uffd import (
     Userfaultfd,
 )
 
-from . import agent
-from .manage import ManagedProcess, Manager, Spawned, manage
-
 __version__ = "0.1.0"
+
+_LAZY = {"Manager": "manage", "ManagedProcess": "manage", "Spawned": "manage",
+         "manage": "manage", "agent": "agent", "attach": "attach"}
+
+
+def __getattr__(name: str) -> object:
+    # process management (subprocess, mmap, sockets...) is imported on first use, so that
+    # `import uffdio` stays light for code that serves its own uffds
+    if name in _LAZY:
+        import importlib
+
+        mod = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return mod if name in ("agent", "attach") else getattr(mod, name)
+    raise AttributeError(f"module 'uffdio' has no attribute {name!r}")
 
 __all__ = [
     "EVENTS",

@@ -55,7 +55,12 @@ class Msg(NamedTuple):
 
 
 def pack(
-    type: int, flags: int = 0, seq: int = 0, a: int = 0, b: int = 0, c: int = 0,
+    type: int,
+    flags: int = 0,
+    seq: int = 0,
+    a: int = 0,
+    b: int = 0,
+    c: int = 0,
     words: array.array[int] | list[int] | None = None,
 ) -> bytes:
     w = words if words is not None else []
@@ -64,7 +69,11 @@ def pack(
 
 
 async def send(sock: socket.socket, data: bytes, fd: int = -1) -> None:
-    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())] if fd >= 0 else []
+    anc = (
+        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+        if fd >= 0
+        else []
+    )
     while True:
         try:
             sock.sendmsg([data], anc)

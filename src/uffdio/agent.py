@@ -36,7 +36,7 @@ def library_path() -> str:
 def start(socket_path: str | os.PathLike[str]) -> None:
     """Put this process under the manager listening on ``socket_path``."""
     global _lib
-    from cffi import FFI
+    from cffi import FFI  # type: ignore[import-untyped]
 
     ffi = FFI()
     ffi.cdef("int uffdio_agent_start(const char *); int uffdio_agent_stop(void);")

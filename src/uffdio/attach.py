@@ -33,7 +33,7 @@ from ._errors import UffdError, UffdPermissionError, UffdProcessGone, error_for
 from ._lib import ffi, lib
 from ._process import read_memory, write_memory
 from ._uffd import Userfaultfd
-from .manage import PAGE, Manager, ManagedProcess
+from .manage import PAGE, ManagedProcess, Manager
 
 NR_CLOSE, NR_MMAP, NR_IOCTL, NR_MUNMAP, NR_MADVISE, NR_USERFAULTFD = 3, 9, 16, 11, 28, 323
 UFFDIO_MOVE = 0xC028AA05
@@ -54,7 +54,9 @@ def inject(pid: int, calls: Sequence[Sequence[int]]) -> list[int]:
     rc = lib.uf_inject(pid, arr, len(calls))
     if rc == -errno.EPERM:
         raise UffdPermissionError(
-            errno.EPERM, "ptrace", f"pid {pid}: attaching is not permitted",
+            errno.EPERM,
+            "ptrace",
+            f"pid {pid}: attaching is not permitted",
             "run as root (CAP_SYS_PTRACE), or as the same user with "
             "kernel.yama.ptrace_scope=0; a process traced by a debugger must be detached first",
         )
@@ -168,7 +170,8 @@ class AttachedProcess(ManagedProcess):
                 lib.uf_unregister(self._local(), self.scratch, self.scratch_len)
                 try:
                     await anyio.to_thread.run_sync(
-                        inject, self.pid,
+                        inject,
+                        self.pid,
                         [(NR_CLOSE, self.target_fd), (NR_MUNMAP, self.scratch, SCRATCH + CTL)],
                     )
                 except UffdProcessGone:
@@ -183,14 +186,20 @@ async def attach(manager: Manager, pid: int) -> AttachedProcess:
     tracer = _tracer(pid)
     if tracer:
         raise UffdPermissionError(
-            errno.EBUSY, "attach", f"pid {pid} is already traced by pid {tracer}",
+            errno.EBUSY,
+            "attach",
+            f"pid {pid} is already traced by pid {tracer}",
             "detach the debugger or tracer first",
         )
     if pid in manager.processes:
         raise error_for(errno.EEXIST, "attach", f"pid {pid} is already managed here")
     fd_t, base = await anyio.to_thread.run_sync(
-        inject, pid,
-        [(NR_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK), (NR_MMAP, 0, SCRATCH + CTL, 3, 0x22, -1, 0)],
+        inject,
+        pid,
+        [
+            (NR_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK),
+            (NR_MMAP, 0, SCRATCH + CTL, 3, 0x22, -1, 0),
+        ],
     )
     cleanup: list[tuple[int, ...]] = []
     if fd_t >= 0:
@@ -200,7 +209,8 @@ async def attach(manager: Manager, pid: int) -> AttachedProcess:
     try:
         if fd_t < 0:
             raise error_for(
-                -fd_t, "attach: userfaultfd() in the target",
+                -fd_t,
+                "attach: userfaultfd() in the target",
                 f"pid {pid} may not create a userfaultfd (it needs CAP_SYS_PTRACE, "
                 "vm.unprivileged_userfaultfd=1 or access to /dev/userfaultfd)",
             )
@@ -215,8 +225,11 @@ async def attach(manager: Manager, pid: int) -> AttachedProcess:
             raise error_for(-local, "attach: pidfd_getfd", f"pid {pid}")
         avail, _ = Userfaultfd.probe()
         want = int(avail) & int(
-            Feature.EVENT_FORK | Feature.EVENT_REMAP | Feature.EVENT_REMOVE
-            | Feature.EVENT_UNMAP | Feature.MOVE
+            Feature.EVENT_FORK
+            | Feature.EVENT_REMAP
+            | Feature.EVENT_REMOVE
+            | Feature.EVENT_UNMAP
+            | Feature.MOVE
         )
         fout = ffi.new("uint64_t *")
         iout = ffi.new("uint64_t *")

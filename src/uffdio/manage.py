@@ -43,10 +43,11 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import anyio
@@ -57,7 +58,6 @@ from . import _constants as C
 from ._constants import Feature
 from ._errors import (
     UffdError,
-    UffdPermissionError,
     UffdProcessGone,
     UffdUnsupportedError,
     check,
@@ -65,6 +65,9 @@ from ._errors import (
 )
 from ._lib import CData, ffi, lib
 from ._uffd import Userfaultfd, _sole
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
 from .agent import library_path
 
 log = logging.getLogger("uffdio")
@@ -94,7 +97,9 @@ class Arena:
         self.fd = fd
         self.size = os.fstat(fd).st_size
         self.ino = os.fstat(fd).st_ino
-        self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0))
+        self.mm = mmap.mmap(
+            fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_NORESERVE", 0)
+        )
         self._c = ffi.from_buffer(self.mm)
         self.base = int(ffi.cast("uintptr_t", self._c))
         self.top = 0
@@ -207,8 +212,13 @@ class ManagedProcess:
     # ---- requests to the agent ----------------------------------------------------------
 
     async def request(
-        self, type: int, words: Sequence[int] = (), *, a: int = 0, fd: int = -1,
-        timeout: float = 60.0,
+        self,
+        type: int,
+        words: Sequence[int] = (),
+        *,
+        a: int = 0,
+        fd: int = -1,
+        timeout: float = 60.0,  # noqa: ASYNC109
     ) -> P.Msg:
         if self.exited:
             raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} exited")
@@ -274,7 +284,9 @@ class ManagedProcess:
     def _engines(self) -> list[CData]:
         return self.manager._all_engines()
 
-    def present_ranges(self, ranges: Sequence[tuple[int, int]] | None = None) -> list[tuple[int, int]]:
+    def present_ranges(
+        self, ranges: Sequence[tuple[int, int]] | None = None
+    ) -> list[tuple[int, int]]:
         """The resident pages of ``ranges`` (default: the registered regions), from the
         kernel's page map."""
         from ._process import pagemap_scan
@@ -284,7 +296,10 @@ class ManagedProcess:
             pos, end = start, start + length
             while pos < end:
                 regs, walk_end = pagemap_scan(
-                    self.pid, pos, end, category_mask=C.PAGE_IS_PRESENT,
+                    self.pid,
+                    pos,
+                    end,
+                    category_mask=C.PAGE_IS_PRESENT,
                     return_mask=C.PAGE_IS_PRESENT,
                 )
                 out.extend((s, e - s) for s, e, _cat in regs)
@@ -301,7 +316,8 @@ class ManagedProcess:
             raise UffdProcessGone(errno.ESRCH, "evict", f"pid {self.pid} is not managed")
         if not self.features & Feature.MOVE:
             raise UffdUnsupportedError(
-                errno.EOPNOTSUPP, "evict",
+                errno.EOPNOTSUPP,
+                "evict",
                 "the agent's uffd has no UFFD_FEATURE_MOVE",
                 "eviction zaps pages with UFFDIO_MOVE: use Linux 6.8 or newer",
             )
@@ -353,8 +369,7 @@ class ManagedProcess:
         except BaseException:
             # nothing was moved, or we do not know: pages still in the scratch area are
             # found there by the recovery snapshot; drop the holds that moved nothing
-            with anyio.CancelScope(shield=True):
-                self._settle(buf, nbytes, [])
+            self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
             raise
         # moved pieces, as (offset in batch, length), in address order of the runs
         filled: list[tuple[int, int]] = []
@@ -372,8 +387,7 @@ class ManagedProcess:
             got = await anyio.to_thread.run_sync(_readv, self.pid, local, remote)
             want = sum(n for _, n in filled)
             if got != want:
-                with anyio.CancelScope(shield=True):
-                    self._settle(buf, nbytes, [])
+                self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
                 raise error_for(errno.EIO, "evict: process_vm_readv", f"read {got} of {want} bytes")
         pages = self._settle(buf, nbytes, filled)
         self._write_snapshot()
@@ -499,12 +513,12 @@ class ManagedProcess:
             ar = self.manager._arena_by_ino.get(ino)
             if ar is None:
                 raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: store {ino} missing")
-            check(lib.uf_rules_add(e, start, end - start, C.RULE_BUFFER, ar.base + off, -1, 0, 1),
-                  "recovery")
+            check(
+                lib.uf_rules_add(e, start, end - start, C.RULE_BUFFER, ar.base + off, -1, 0, 1),
+                "recovery",
+            )
             pages += (end - start) // PAGE
-        for start, ln, scr in self._recover_scratch:
-            # HOLD until the scratch pages are read into the store (_recover_finish)
-            pass
+        # pages in self._recover_scratch are read into the store by _recover_finish
         return pages
 
     async def _recover_finish(self) -> None:
@@ -550,7 +564,8 @@ def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]
     for i, (a, n) in enumerate(remote):
         rf[2 * i], rf[2 * i + 1] = a, n
     return check(
-        lib.uf_process_vm_readv(pid, lf, len(local), rf, len(remote)), "process_vm_readv",
+        lib.uf_process_vm_readv(pid, lf, len(local), rf, len(remote)),
+        "process_vm_readv",
         f"pid {pid}",
     )
 
@@ -566,7 +581,7 @@ class Spawned:
         self.rusage: Any = None
         self._pidfd = os.pidfd_open(self.pid)
 
-    async def process(self, timeout: float = 30.0) -> ManagedProcess:
+    async def process(self, timeout: float = 30.0) -> ManagedProcess:  # noqa: ASYNC109
         """The ManagedProcess of this program, once its agent has connected."""
         return await self.manager.wait_process(self.pid, timeout=timeout)
 
@@ -575,7 +590,7 @@ class Spawned:
         subprocess does).  ``rusage`` holds the kernel's accounting (ru_maxrss...)."""
         if self.returncode is None:
             await anyio.wait_readable(self._pidfd)
-            _pid, status, ru = os.wait4(self.pid, 0)
+            _pid, status, ru = os.wait4(self.pid, 0)  # noqa: ASYNC222 - it has exited
             self.rusage = ru
             self.returncode = os.waitstatus_to_exitcode(status)
             self.popen.returncode = self.returncode
@@ -606,7 +621,9 @@ class Manager:
             socket_path = os.path.join(self._own_dir, "agent.sock")
         self.socket_path = os.fspath(socket_path)
         #: accept agents of other users (root only; default: only root may)
-        self.allow_other_users = os.geteuid() == 0 if allow_other_users is None else allow_other_users
+        self.allow_other_users = (
+            os.geteuid() == 0 if allow_other_users is None else allow_other_users
+        )
         self.processes: dict[int, ManagedProcess] = {}
         #: every process seen, exited ones included (for statistics)
         self.history: list[ManagedProcess] = []
@@ -629,7 +646,8 @@ class Manager:
             st = os.lstat(path)
             if not stat.S_ISSOCK(st.st_mode):
                 raise error_for(
-                    errno.EEXIST, "manager socket",
+                    errno.EEXIST,
+                    "manager socket",
                     f"{path} exists and is not a socket; choose another path (--socket)",
                 )
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -639,7 +657,8 @@ class Manager:
                 os.unlink(path)  # stale: its manager is gone; we take over its agents
             else:
                 raise error_for(
-                    errno.EADDRINUSE, "manager socket",
+                    errno.EADDRINUSE,
+                    "manager socket",
                     f"another manager is listening on {path}; stop it or choose another "
                     "path (--socket)",
                 )
@@ -651,7 +670,9 @@ class Manager:
             s.bind(path)
         except OSError as exc:
             s.close()
-            raise error_for(exc.errno or errno.EIO, "manager socket", f"bind {path}: {exc.strerror}") from None
+            raise error_for(
+                exc.errno or errno.EIO, "manager socket", f"bind {path}: {exc.strerror}"
+            ) from None
         finally:
             os.umask(old)
         if self.allow_other_users:
@@ -716,7 +737,9 @@ class Manager:
         out["LD_PRELOAD"] = library_path() + (" " + pre if pre else "")
         return out
 
-    def spawn(self, argv: Sequence[str], *, env: dict[str, str] | None = None, **popen: Any) -> Spawned:
+    def spawn(
+        self, argv: Sequence[str], *, env: dict[str, str] | None = None, **popen: Any
+    ) -> Spawned:
         """Start ``argv`` with the agent; returns at once (see :meth:`Spawned.process`)."""
         try:
             proc = subprocess.Popen(list(argv), env=self.agent_environment(env), **popen)
@@ -747,7 +770,7 @@ class Manager:
 
         self._tg.start_soon(watch)
 
-    async def wait_process(self, pid: int, timeout: float = 30.0) -> ManagedProcess:
+    async def wait_process(self, pid: int, timeout: float = 30.0) -> ManagedProcess:  # noqa: ASYNC109
         with anyio.fail_after(timeout):
             while pid not in self.processes:
                 ev = self._new_process
@@ -888,7 +911,9 @@ class Manager:
         await self._tg.start(self._serve_uffd, child, scope)
 
     async def _serve_uffd(
-        self, u: Userfaultfd, scope: anyio.CancelScope,
+        self,
+        u: Userfaultfd,
+        scope: anyio.CancelScope,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         with scope:
@@ -912,7 +937,9 @@ class Manager:
                 got = bytearray(PAGE)
                 try:
                     await anyio.to_thread.run_sync(
-                        _readv, proc.pid, [(int(ffi.cast("uintptr_t", ffi.from_buffer(got))), PAGE)],
+                        _readv,
+                        proc.pid,
+                        [(int(ffi.cast("uintptr_t", ffi.from_buffer(got))), PAGE)],
                         [(probe, PAGE)],
                     )
                 except UffdError:
@@ -1039,7 +1066,7 @@ class Manager:
                         used[k] = True
         now = time.monotonic()
         keep = []
-        for x, u in zip(exts, used):
+        for x, u in zip(exts, used, strict=True):
             if u:
                 x.unused_since = None
                 keep.append(x)
@@ -1055,13 +1082,24 @@ class Manager:
     def statistics(self) -> dict[str, Any]:
         procs = [p.statistics() for p in self.history]
         total: dict[str, Any] = {}
-        for key in ("faults", "resolved", "forwarded", "events", "pages_evicted", "evictions",
-                    "pages_skipped", "fences", "retried"):
+        for key in (
+            "faults",
+            "resolved",
+            "forwarded",
+            "events",
+            "pages_evicted",
+            "evictions",
+            "pages_skipped",
+            "fences",
+            "retried",
+        ):
             total[key] = sum(int(p.get(key, 0) or 0) for p in procs)
         total["registered_pages_max"] = sum(p["registered_pages_max"] for p in procs)
         total["processes"] = len(procs)
         total["unmanaged"] = [
-            {"pid": p["pid"], "reason": p["unmanaged_reason"]} for p in procs if p["unmanaged_reason"]
+            {"pid": p["pid"], "reason": p["unmanaged_reason"]}
+            for p in procs
+            if p["unmanaged_reason"]
         ]
         total["refused"] = [{"pid": pid, "reason": r} for pid, r in self.refused]
         total["store_bytes"] = sum(a.used_bytes for a in self._arenas)

@@ -16,8 +16,16 @@ from ._errors import UffdError, UffdProcessGone
 from .agent import library_path
 from .manage import Manager, Spawned
 
-FORWARDED = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2, signal.SIGCONT, signal.SIGWINCH)
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGHUP,
+    signal.SIGINT,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGCONT,
+    signal.SIGWINCH,
+)
 
 
 def add_parser(sub: Any) -> None:
@@ -33,7 +41,10 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--socket", metavar="PATH", help="agent socket (default: a private temp path)")
     p.add_argument("--stats-json", metavar="PATH", help="write final statistics as JSON")
     p.add_argument(
-        "--churn", metavar="SECONDS", type=float, default=0.0,
+        "--churn",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
         help="testing aid: evict every resident managed page every SECONDS",
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
@@ -51,8 +62,11 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--socket", metavar="PATH", required=True)
     s.add_argument("--churn", metavar="SECONDS", type=float, default=0.0)
     s.add_argument("--stats-json", metavar="PATH")
-    s.add_argument("--exit-when-idle", action="store_true",
-                   help="exit when the last process it manages has exited")
+    s.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="exit when the last process it manages has exited",
+    )
     s.set_defaults(func=cmd_serve)
 
     t = sub.add_parser(
@@ -66,10 +80,20 @@ def add_parser(sub: Any) -> None:
         ),
     )
     t.add_argument("pid", type=int)
-    t.add_argument("--churn", metavar="SECONDS", type=float, default=0.0,
-                   help="testing aid: evict every resident managed page every SECONDS")
-    t.add_argument("--duration", metavar="SECONDS", type=float, default=0.0,
-                   help="give the process back after SECONDS (default: when it exits)")
+    t.add_argument(
+        "--churn",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="testing aid: evict every resident managed page every SECONDS",
+    )
+    t.add_argument(
+        "--duration",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="give the process back after SECONDS (default: when it exits)",
+    )
     t.add_argument("--stats-json", metavar="PATH")
     t.set_defaults(func=cmd_attach)
 
@@ -201,7 +225,7 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
 
             tg.start_soon(stop_on_signal)
             if args.exit_when_idle:
-                while not m.history or m.processes:
+                while not m.history or m.processes:  # noqa: ASYNC110 - polls two conditions
                     await anyio.sleep(0.05)
                 tg.cancel_scope.cancel()
         return _summary(m, {})
@@ -227,7 +251,7 @@ async def _attach(args: argparse.Namespace) -> dict[str, Any]:
 
             tg.start_soon(stop_on_signal)
             deadline = time.monotonic() + args.duration if args.duration > 0 else None
-            while proc.managed and (deadline is None or time.monotonic() < deadline):
+            while proc.managed and (deadline is None or time.monotonic() < deadline):  # noqa: ASYNC110 - polls two conditions
                 await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
         if proc.managed:

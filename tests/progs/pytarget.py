@@ -13,8 +13,14 @@ import sys
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
-libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_int, ctypes.c_long]
+libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
 libc.mremap.restype = ctypes.c_void_p
 libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int]
 libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
@@ -73,7 +79,9 @@ def main() -> None:
             child = os.read(rd, 64).decode()
             os.close(rd)
             _, st = os.waitpid(pid, 0)
-            reply = f"{child} {os.waitstatus_to_exitcode(st)} {hashlib.sha256(r.bytes()).hexdigest()}"
+            reply = (
+                f"{child} {os.waitstatus_to_exitcode(st)} {hashlib.sha256(r.bytes()).hexdigest()}"
+            )
         elif cmd == "rss":
             reply = next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmRSS"))
         elif cmd == "agent":
