@@ -49,6 +49,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
@@ -68,6 +69,10 @@
 #define MAPSBUF (64UL << 10)
 #define MAXKEPT 16
 #define MAXDATA 512
+#ifndef PR_SET_VMA
+#define PR_SET_VMA 0x53564d41
+#define PR_SET_VMA_ANON_NAME 0
+#endif
 
 struct agent {
 	int uffd;       /* our own duplicate; -1 until we have one */
@@ -146,8 +151,14 @@ static int open_uffd(int *event_fork, uint64_t *features)
 	uint64_t want[4] = { base | UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_MOVE,
 			     base | UFFD_FEATURE_MOVE, base | UFFD_FEATURE_EVENT_FORK, base };
 	int i, err = -ENOSYS;
+	/* UFFDIO_AGENT_NO_EVENT_FORK=1: do not let the kernel follow fork (children then
+	 * get the fork fence); for programs that fork huge numbers of short-lived children */
+	const char *nf = getenv("UFFDIO_AGENT_NO_EVENT_FORK");
+	int skip_fork = nf && *nf == '1';
 
 	for (i = 0; i < 4; i++) {
+		if (skip_fork && (want[i] & UFFD_FEATURE_EVENT_FORK))
+			continue;
 		int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
 		if (fd < 0) {
 			int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -161,8 +172,9 @@ static int open_uffd(int *event_fork, uint64_t *features)
 		}
 		struct uffdio_api api = { .api = UFFD_API, .features = want[i] };
 		if (ioctl(fd, UFFDIO_API, &api) == 0) {
-			*event_fork = !!(api.features & UFFD_FEATURE_EVENT_FORK);
-			*features = api.features;
+			/* .features reports all the kernel offers; in force is what we asked */
+			*event_fork = !!(want[i] & UFFD_FEATURE_EVENT_FORK);
+			*features = want[i];
 			return fd;
 		}
 		err = -errno;
@@ -306,8 +318,6 @@ static int manageable(uint64_t s, uint64_t e, const char *perms, unsigned long i
 		return 0;
 	if (name[0] && strcmp(name, "[heap]") != 0 && strncmp(name, "[anon:", 6) != 0)
 		return 0;
-	if (overlaps(s, e, A->region, A->region_len) || overlaps(s, e, A->scratch, A->scratch_len))
-		return 0;
 	if (A->relaxed)
 		return 1;
 	for (i = 0; i < A->nlocked; i++)
@@ -346,17 +356,25 @@ static void note_data(void)
 	dl_iterate_phdr(data_cb, NULL);
 }
 
-/* Call fn on the parts of [s, e) outside every loaded object's writable segment. */
+/* Call fn on the parts of [s, e) outside the agent's own memory and every loaded
+ * object's writable segment.  Pieces, not whole mappings: the kernel merges
+ * adjacent anonymous mappings, so one /proc/self/maps line can hold both. */
 static void each_piece(uint64_t s, uint64_t e, void (*fn)(uint64_t s, uint64_t e, void *arg), void *arg)
 {
-	size_t i;
+	size_t i, n = A->relaxed ? 0 : A->ndata;
 
-	if (A->relaxed) {
-		fn(s, e, arg);
-		return;
-	}
-	for (i = 0; i < A->ndata && s < e; i++) {
-		uint64_t ds = A->data[i][0], de = ds + A->data[i][1];
+	for (i = 0; i < n + 2 && s < e; i++) {
+		uint64_t ds, de;
+		if (i < n) {
+			ds = A->data[i][0];
+			de = ds + A->data[i][1];
+		} else if (i == n) {
+			ds = A->region;
+			de = ds + A->region_len;
+		} else {
+			ds = A->scratch;
+			de = ds + A->scratch_len;
+		}
 		if (de <= s || ds >= e)
 			continue;
 		if (ds > s)
@@ -715,6 +733,9 @@ static int alloc_region(void)
 		return -errno;
 	A = (struct agent *)r;
 	memset(A, 0, sizeof(*A));
+	/* a name of its own keeps the kernel from merging it with the program's mappings
+	 * (and shows it in /proc/PID/maps); without CONFIG_ANON_VMA_NAME it is skipped */
+	prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)r, total, "uffdio-agent");
 	A->region = (uint64_t)(uintptr_t)r;
 	A->region_len = total;
 	A->rx = (uint64_t *)(r + hdr);
@@ -808,6 +829,8 @@ EXPORT int uffdio_agent_start(const char *sock_path)
 		if (sc == MAP_FAILED)
 			return -errno;
 		madvise(sc, A->scratch_len, MADV_NOHUGEPAGE);
+		prctl(PR_SET_VMA, PR_SET_VMA_ANON_NAME, (unsigned long)sc, A->scratch_len,
+		      "uffdio-scratch");
 		A->scratch = (uint64_t)(uintptr_t)sc;
 	}
 	return session_start(0);

@@ -421,3 +421,84 @@ def test_agent_path_and_cli_help() -> None:
     r = run(["agent-path"])
     assert r.returncode == 0 and os.path.exists(r.stdout.strip())
     assert shutil.which("gcc")
+
+
+async def test_fork_without_event_fork_uses_the_fence() -> None:
+    """Without EVENT_FORK (a program without CAP_SYS_PTRACE, here forced with
+    UFFDIO_AGENT_NO_EVENT_FORK=1) the agent's fork() has every evicted page brought back
+    first (the fence), so the child, whose ranges the kernel does not register, reads the
+    parent's data - never zeros - and eviction resumes after fork() returns."""
+    async with Manager() as m:
+        env = dict(os.environ, UFFDIO_AGENT_NO_EVENT_FORK="1")
+        prog = Prog(m, 4 << 20, env=env)
+        proc = await prog.spawned.process()
+        assert proc.managed and not proc.event_fork
+        _, digest = (await prog.cmd("fill", 12)).split()
+        assert await proc.evict() >= (4 << 20) // PAGE
+        child_digest, status, parent_digest = (await prog.cmd("fork")).split()
+        assert (child_digest, status, parent_digest) == (digest, "0", digest)
+        assert proc.stats["fences"] == 1
+        assert proc.stats["pages_swapped_in_for_fork"] >= (4 << 20) // PAGE - 16
+        assert await proc.evict() > 0  # the fence was lifted after fork() returned
+        assert await prog.cmd("digest") == digest
+        st = m.statistics()
+        assert st["processes"] == 2 and not st["unmanaged"]  # the child: its own agent
+        assert await prog.close() == 0
+
+
+def test_c_program_links_the_agent(tmp_path: Path) -> None:
+    """A C program that links the agent and calls uffdio_agent_start() itself."""
+    src = tmp_path / "linked.c"
+    src.write_text(
+        r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+#include "uffdio_agent.h"
+int main(int argc, char **argv) {
+    size_t n = 8 << 20;
+    unsigned char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    int rc = uffdio_agent_start(argv[1]);
+    if (rc) { fprintf(stderr, "start: %d\n", rc); return 2; }
+    for (size_t i = 0; i < n; i++) p[i] = (unsigned char)(i * 7 + i / 4096);
+    printf("ready\n"); fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin)) return 3;
+    for (size_t i = 0; i < n; i++)
+        if (p[i] != (unsigned char)(i * 7 + i / 4096)) { printf("bad %zu\n", i); return 1; }
+    rc = uffdio_agent_stop();
+    printf("ok %d\n", rc);
+    return rc ? 4 : 0;
+}
+"""
+    )
+    lib = Path(uffdio.agent.library_path())
+    exe = tmp_path / "linked"
+    subprocess.run(
+        ["gcc", "-O2", "-o", str(exe), str(src), f"-I{HERE.parent / 'csrc'}", str(lib),
+         f"-Wl,-rpath,{lib.parent}"],
+        check=True,
+    )
+
+    async def main() -> None:
+        async with Manager(str(tmp_path / "m.sock")) as m:
+            p = subprocess.Popen([str(exe), m.socket_path], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True, bufsize=1)
+            try:
+                with anyio.fail_after(30):
+                    line = await anyio.to_thread.run_sync(p.stdout.readline, abandon_on_cancel=True)
+                    assert line == "ready\n"
+                    proc = await m.wait_process(p.pid)
+                    assert await proc.evict() >= (8 << 20) // PAGE
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                    out = await anyio.to_thread.run_sync(p.stdout.read, abandon_on_cancel=True)
+                assert out == "ok 0\n"
+                assert await anyio.to_thread.run_sync(p.wait) == 0
+            finally:
+                p.kill()
+                p.wait()
+
+    anyio.run(main)
