@@ -645,7 +645,8 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 	}
 	case UF_M_FENCE_ACK:
 		pthread_mutex_lock(&A->fence_lock);
-		A->fence_done_seq = h->seq;
+		if (h->seq > A->fence_done_seq)
+			A->fence_done_seq = h->seq;
 		A->fence_rc = h->a;
 		pthread_cond_broadcast(&A->fence_cv);
 		pthread_mutex_unlock(&A->fence_lock);
@@ -942,7 +943,7 @@ EXPORT int mlockall(int flags)
 }
 
 /* Ask the manager for a fork fence (see the header comment) and wait for it. */
-static int64_t fence(void)
+static int64_t ask_manager(uint32_t type, int64_t a, int64_t b)
 {
 	uint64_t seq;
 	int64_t rc;
@@ -950,7 +951,7 @@ static int64_t fence(void)
 	pthread_mutex_lock(&A->fence_lock);
 	seq = ++A->fence_seq;
 	pthread_mutex_unlock(&A->fence_lock);
-	rc = send_msg(UF_A_FENCE, 0, seq, 0, 0, 0, NULL, 0, -1);
+	rc = send_msg(type, 0, seq, a, b, 0, NULL, 0, -1);
 	if (rc < 0)
 		return rc;
 	pthread_mutex_lock(&A->fence_lock);
@@ -959,6 +960,34 @@ static int64_t fence(void)
 	rc = A->fence_rc;
 	pthread_mutex_unlock(&A->fence_lock);
 	return rc;
+}
+
+static int64_t fence(void)
+{
+	return ask_manager(UF_A_FENCE, 0, 0);
+}
+
+/* The program registers a range with a userfaultfd of its own.  The kernel allows
+ * one uffd per range, so ours yields: the manager brings back the range's
+ * evicted pages and forgets them, we unregister it and never move from it again,
+ * and the program's registration then succeeds as if we were not there. */
+EXPORT int ioctl(int fd, unsigned long req, ...)
+{
+	va_list ap;
+	void *arg;
+
+	va_start(ap, req);
+	arg = va_arg(ap, void *);
+	va_end(ap);
+	if (req == UFFDIO_REGISTER && A && A->ready && fd != A->uffd && A->uffd >= 0 && arg) {
+		struct uffdio_register *r = arg;
+		uint64_t s = r->range.start & ~(PAGE - 1);
+		uint64_t e = (r->range.start + r->range.len + PAGE - 1) & ~(PAGE - 1);
+		note_locked((void *)(uintptr_t)s, e - s);
+		if (A->sock >= 0 && ask_manager(UF_A_YIELD, (int64_t)s, (int64_t)(e - s)) == 0)
+			uffd_unregister(A->uffd, s, e - s);
+	}
+	return (int)syscall(SYS_ioctl, fd, req, arg);
 }
 
 EXPORT pid_t fork(void)

@@ -502,3 +502,23 @@ int main(int argc, char **argv) {
                 p.wait()
 
     anyio.run(main)
+
+
+async def test_program_with_its_own_userfaultfd() -> None:
+    """A program that registers part of its memory with a uffd of its own: the agent's uffd
+    yields that range (its evicted pages are brought back first), the program's
+    registration succeeds, its data is intact, and uffdio never evicts from it again."""
+    async with Manager() as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        addr, digest = (await prog.cmd("fill", 13)).split()
+        assert await proc.evict() >= (8 << 20) // PAGE
+        fd, api_rc, reg_rc, _err = (await prog.cmd("ownuffd", 0, 4 << 20)).split()
+        assert int(fd) >= 0 and api_rc == "0" and reg_rc == "0"
+        assert await prog.cmd("digest") == digest
+        assert proc.stats["yielded_pages"] == (4 << 20) // PAGE
+        await proc.evict()
+        present = proc.present_ranges([(int(addr), 4 << 20)])
+        assert sum(n for _, n in present) == 4 << 20  # the program's range stays resident
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0

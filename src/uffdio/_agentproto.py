@@ -25,6 +25,7 @@ A_FENCE = 4
 A_FENCE_END = 5
 A_KEPT = 6
 A_RELEASE = 7
+A_YIELD = 8
 # manager -> agent
 M_WELCOME = 16
 M_SCAN = 17

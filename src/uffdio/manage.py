@@ -445,6 +445,21 @@ class ManagedProcess:
                 rc = -(exc.errno or errno.EIO)
         await P.send(self._sock, P.pack(P.M_FENCE_ACK, 0, seq, rc))
 
+    async def _yield_range(self, seq: int, start: int, length: int) -> None:
+        """The program registers [start, start+length) with a uffd of its own (see
+        agent.c, ioctl): bring its evicted pages back, forget them, let the agent yield."""
+        rc = 0
+        async with self._evict_lock:
+            try:
+                await self.swap_in_all()
+                if self.uffd is not None:
+                    check(lib.uf_rules_remove(self.uffd._engine_handle(), start, length),
+                          "yield")
+                self.stats["yielded_pages"] = self.stats.get("yielded_pages", 0) + length // PAGE
+            except UffdError as exc:
+                rc = -(exc.errno or errno.EIO)
+        await P.send(self._sock, P.pack(P.M_FENCE_ACK, 0, seq, rc))
+
     # ---- recovery snapshots ------------------------------------------------------------
 
     def _write_snapshot(self, scratch_runs: list[tuple[int, int, int]] | None = None) -> None:
@@ -1001,6 +1016,8 @@ class Manager:
                     tg.start_soon(proc._fence, msg.seq)
                 elif msg.type == P.A_FENCE_END:
                     proc._fenced = max(0, proc._fenced - 1)
+                elif msg.type == P.A_YIELD:
+                    tg.start_soon(proc._yield_range, msg.seq, msg.a, msg.b)
                 elif msg.type == P.A_RELEASE:
                     tg.start_soon(proc.release)
                 elif msg.fd >= 0:
