@@ -629,6 +629,7 @@ class Manager:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         allow_other_users: bool | None = None,
+        scan_interval: float = 1.0,
     ) -> None:
         self._own_dir: str | None = None
         if socket_path is None:
@@ -639,6 +640,9 @@ class Manager:
         self.allow_other_users = (
             os.geteuid() == 0 if allow_other_users is None else allow_other_users
         )
+        #: seconds between scans that register mappings the program made without the
+        #: interposed mmap (glibc's malloc arenas, thread stacks, brk growth); 0: never
+        self.scan_interval = scan_interval
         self.processes: dict[int, ManagedProcess] = {}
         #: every process seen, exited ones included (for statistics)
         self.history: list[ManagedProcess] = []
@@ -998,11 +1002,22 @@ class Manager:
                             lib.uf_wake(proc.uffd.fileno(), s, n)
                 except (UffdProcessGone, BrokenPipeError, ConnectionError):
                     pass  # it exited or exec'd already
+                if self.scan_interval > 0:
+                    tg.start_soon(self._rescan, proc)
                 await proc._gone.wait()
                 tg.cancel_scope.cancel()
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
+
+    async def _rescan(self, proc: ManagedProcess) -> None:
+        while True:
+            await anyio.sleep(self.scan_interval)
+            try:
+                async with proc._evict_lock:  # not in the middle of an eviction
+                    await proc.scan()
+            except (UffdProcessGone, BrokenPipeError, ConnectionError):
+                return
 
     async def _reader(self, proc: ManagedProcess, tg: anyio.abc.TaskGroup) -> None:
         try:
