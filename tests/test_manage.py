@@ -522,3 +522,20 @@ async def test_program_with_its_own_userfaultfd() -> None:
         assert sum(n for _, n in present) == 4 << 20  # the program's range stays resident
         assert await prog.cmd("digest") == digest
         assert await prog.close() == 0
+
+
+async def test_evict_fragmented_residency() -> None:
+    """Thousands of separate resident runs (every other page faulted back): the page map
+    is walked completely and no page is held or moved twice."""
+    async with Manager() as m:
+        prog = Prog(m, 16 << 20)
+        proc = await prog.spawned.process()
+        addr, digest = (await prog.cmd("fill", 14)).split()
+        await proc.evict()
+        await prog.cmd("touch", 0, 16 << 20, 2 * PAGE)  # 2048 runs of one page
+        runs = proc.present_ranges([(int(addr), 16 << 20)])
+        assert len(runs) >= 2000
+        assert all(a[0] + a[1] < b[0] for a, b in zip(runs, runs[1:]))  # sorted, apart
+        assert await proc.evict([(int(addr), 16 << 20)]) >= 2000
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0

@@ -288,25 +288,27 @@ class ManagedProcess:
         self, ranges: Sequence[tuple[int, int]] | None = None
     ) -> list[tuple[int, int]]:
         """The resident pages of ``ranges`` (default: the registered regions), from the
-        kernel's page map."""
+        kernel's page map, sorted and without overlaps."""
         from ._process import pagemap_scan
 
         out: list[tuple[int, int]] = []
+        maxr = 4096
         for start, length in ranges if ranges is not None else self.regions:
             pos, end = start, start + length
             while pos < end:
-                regs, walk_end = pagemap_scan(
-                    self.pid,
-                    pos,
-                    end,
-                    category_mask=C.PAGE_IS_PRESENT,
-                    return_mask=C.PAGE_IS_PRESENT,
+                regs, _walk_end = pagemap_scan(
+                    self.pid, pos, end, category_mask=C.PAGE_IS_PRESENT,
+                    return_mask=C.PAGE_IS_PRESENT, max_regions=maxr,
                 )
                 out.extend((s, e - s) for s, e, _cat in regs)
-                if walk_end <= pos or walk_end >= end:
+                # walk_end is not trusted: Linux 6.18 can leave it at an internal flush
+                # point (every 512 regions) although the walk went further.  A scan that
+                # returned fewer regions than it could hold walked to the end; a full one
+                # is continued after its last region.
+                if len(regs) < maxr:
                     break
-                pos = walk_end
-        return out
+                pos = regs[-1][1]
+        return _normalize(out)
 
     async def evict(self, ranges: Sequence[tuple[int, int]] | None = None) -> int:
         """Evict the resident pages of ``ranges`` (default: every registered region) into
@@ -327,7 +329,9 @@ class ManagedProcess:
                 return 0
             if ranges is None:
                 await self.scan()
-            runs = await anyio.to_thread.run_sync(self.present_ranges, ranges)
+            runs = await anyio.to_thread.run_sync(
+                self.present_ranges, None if ranges is None else _normalize(list(ranges))
+            )
             cap = self.scratch_len - PAGE  # the last scratch page is the pairing probe
             batch: list[tuple[int, int]] = []
             used = 0
@@ -569,6 +573,22 @@ class ManagedProcess:
             out.update(self.uffd.statistics())
         out["unmanaged_reason"] = self.unmanaged_reason
         return out
+
+
+def _normalize(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, page-aligned, non-overlapping runs (overlapping or touching ones merged):
+    eviction must never hold or move a page twice."""
+    out: list[tuple[int, int]] = []
+    for s, n in sorted(runs):
+        e = s + n
+        s &= ~(PAGE - 1)
+        e = (e + PAGE - 1) & ~(PAGE - 1)
+        if out and s <= out[-1][0] + out[-1][1]:
+            ps, pn = out[-1]
+            out[-1] = (ps, max(ps + pn, e) - ps)
+        elif e > s:
+            out.append((s, e - s))
+    return out
 
 
 def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> int:

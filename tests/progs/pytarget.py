@@ -60,6 +60,9 @@ def main() -> None:
             for p in range(off, off + n, 4096):
                 ctypes.memset(r.addr + p, v, 1)
             reply = "ok"
+        elif cmd == "touch":  # read one byte of every STEP-th page: fragments residency
+            off, n, step = int(a[0]), int(a[1]), int(a[2])
+            reply = str(sum(ctypes.string_at(r.addr + p, 1)[0] for p in range(off, off + n, step)))
         elif cmd == "mremap":
             new = libc.mremap(r.addr, r.len, int(a[0]), MREMAP_MAYMOVE)
             r.addr, r.len = new, int(a[0])
