@@ -40,8 +40,14 @@ from ._uffd import (
 
 __version__ = "0.1.0"
 
-_LAZY = {"Manager": "manage", "ManagedProcess": "manage", "Spawned": "manage",
-         "manage": "manage", "agent": "agent", "attach": "attach"}
+_LAZY = {
+    "Manager": "manage",
+    "ManagedProcess": "manage",
+    "Spawned": "manage",
+    "manage": "manage",
+    "agent": "agent",
+    "attach": "attach",
+}
 
 
 def __getattr__(name: str) -> object:
@@ -53,6 +59,7 @@ def __getattr__(name: str) -> object:
         mod = importlib.import_module(f".{_LAZY[name]}", __name__)
         return mod if name in ("agent", "attach") else getattr(mod, name)
     raise AttributeError(f"module 'uffdio' has no attribute {name!r}")
+
 
 __all__ = [
     "EVENTS",

@@ -297,8 +297,12 @@ class ManagedProcess:
             pos, end = start, start + length
             while pos < end:
                 regs, _walk_end = pagemap_scan(
-                    self.pid, pos, end, category_mask=C.PAGE_IS_PRESENT,
-                    return_mask=C.PAGE_IS_PRESENT, max_regions=maxr,
+                    self.pid,
+                    pos,
+                    end,
+                    category_mask=C.PAGE_IS_PRESENT,
+                    return_mask=C.PAGE_IS_PRESENT,
+                    max_regions=maxr,
                 )
                 out.extend((s, e - s) for s, e, _cat in regs)
                 # walk_end is not trusted: Linux 6.18 can leave it at an internal flush
@@ -457,8 +461,7 @@ class ManagedProcess:
             try:
                 await self.swap_in_all()
                 if self.uffd is not None:
-                    check(lib.uf_rules_remove(self.uffd._engine_handle(), start, length),
-                          "yield")
+                    check(lib.uf_rules_remove(self.uffd._engine_handle(), start, length), "yield")
                 self.stats["yielded_pages"] = self.stats.get("yielded_pages", 0) + length // PAGE
             except UffdError as exc:
                 rc = -(exc.errno or errno.EIO)
