@@ -539,3 +539,32 @@ async def test_evict_fragmented_residency() -> None:
         assert await proc.evict([(int(addr), 16 << 20)]) >= 2000
         assert await prog.cmd("digest") == digest
         assert await prog.close() == 0
+
+
+def test_run_releases_descendants_that_outlive_the_command(tmp_path: Path) -> None:
+    """CMD exits while a child it started runs on: before `uffdio run` exits, that child's
+    evicted pages are brought back and it is given back; it finishes with every byte right."""
+    res = tmp_path / "result"
+    script = (
+        "import hashlib, os, time\n"
+        "b = bytearray(os.urandom(8 << 20)); h = hashlib.sha256(b).hexdigest()\n"
+        f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+        "time.sleep(3)\n"
+        f"open({str(res)!r}, 'w').write('ok' if hashlib.sha256(b).hexdigest() == h else 'BAD')\n"
+    )
+    (tmp_path / "bg.py").write_text(script)
+    # the command waits until its background child has memory, then exits at once
+    cmd = (
+        f"{SYSTEM_PYTHON} {tmp_path / 'bg.py'} & "
+        f"while [ ! -e {tmp_path / 'ready'} ]; do sleep 0.05; done; sleep 0.5"
+    )
+    r = run(["run", "--churn", "0.05", "--stats-json", str(tmp_path / "s.json"), "--",
+             "sh", "-c", cmd])
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "s.json").read_text())["pages_evicted"] > 0
+    deadline = time.monotonic() + 20
+    while not res.exists():
+        assert time.monotonic() < deadline, "the background child did not finish"
+        time.sleep(0.1)
+    time.sleep(0.1)
+    assert res.read_text() == "ok"
