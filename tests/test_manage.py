@@ -568,3 +568,18 @@ def test_run_releases_descendants_that_outlive_the_command(tmp_path: Path) -> No
         time.sleep(0.1)
     time.sleep(0.1)
     assert res.read_text() == "ok"
+
+
+async def test_children_forked_together_are_each_matched() -> None:
+    """Eight children forked back to back while pages are evicted: each reads the parent's
+    data and each is matched to its own uffd (none left unmanaged)."""
+    async with Manager() as m:
+        prog = Prog(m, 4 << 20)
+        proc = await prog.spawned.process()
+        await prog.cmd("fill", 15)
+        await proc.evict()
+        assert (await prog.cmd("forkmany", 8)).split() == ["0"] * 8
+        st = m.statistics()
+        assert not st["unmanaged"], st["unmanaged"]
+        assert st["processes"] == 9
+        assert await prog.close() == 0

@@ -157,8 +157,6 @@ class _Orphan:
     uffd: Userfaultfd
     parent: int
     scope: anyio.CancelScope
-    token: bytes | None = None
-    probe: int = 0
 
 
 def _addr_ranges(words: Sequence[int]) -> list[tuple[int, int]]:
@@ -578,6 +576,25 @@ class ManagedProcess:
         return out
 
 
+def _page_present(pid: int, addr: int) -> bool:
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        entry = int.from_bytes(f.read(8), "little")
+    return bool(entry >> 63)
+
+
+def _missing_page(proc: ManagedProcess) -> int | None:
+    """A page of proc's scratch area that is not present in proc (pagemap)."""
+    n = proc.scratch_len // PAGE
+    with open(f"/proc/{proc.pid}/pagemap", "rb") as f:
+        f.seek(proc.scratch // PAGE * 8)
+        data = f.read(8 * n)
+    for k in range(n - 1, -1, -1):  # from the top: eviction batches fill from the bottom
+        if not int.from_bytes(data[8 * k : 8 * k + 8], "little") >> 63:
+            return proc.scratch + k * PAGE
+    return None
+
+
 def _normalize(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """Sorted, page-aligned, non-overlapping runs (overlapping or touching ones merged):
     eviction must never hold or move a page twice."""
@@ -962,19 +979,27 @@ class Manager:
             await u.serve(thread=True, task_status=task_status)
 
     async def _pair(self, proc: ManagedProcess) -> _Orphan | None:
-        """Find which fork-event uffd belongs to ``proc``: write a token page through each
-        candidate uffd into a page of the scratch area that is missing in ``proc``, and read
-        it back from ``proc``.  Only the uffd of proc's own mm puts it where proc sees it."""
-        probe = proc.scratch + proc.scratch_len - PAGE
+        """Find which fork-event uffd belongs to ``proc``.  For each candidate: pick a page
+        of proc's scratch area that is missing in proc, write a fresh token page there
+        through the candidate uffd, and look at proc's page: only the uffd of proc's own mm
+        puts it where proc sees it.  proc's page is read only when the page map says it is
+        present, so a wrong candidate never faults a page in (which would make the right
+        one's copy fail with EEXIST later)."""
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for o in list(self._orphans):
-                if o.token is None:
-                    o.token = os.urandom(16) * (PAGE // 16)
-                    o.probe = probe
-                    with contextlib.suppress(UffdError):
-                        await o.uffd.copy(probe, o.token, PAGE)
-                if o.probe != probe:
+                try:
+                    probe = await anyio.to_thread.run_sync(_missing_page, proc)
+                except OSError:
+                    return None  # it exited
+                if probe is None:
+                    return None
+                token = os.urandom(16) * (PAGE // 16)
+                try:
+                    await o.uffd.copy(probe, token, PAGE)
+                except UffdError:
+                    continue  # EEXIST: present in the candidate's process, so not proc's
+                if not await anyio.to_thread.run_sync(_page_present, proc.pid, probe):
                     continue
                 got = bytearray(PAGE)
                 try:
@@ -986,7 +1011,7 @@ class Manager:
                     )
                 except UffdError:
                     return None
-                if bytes(got) == o.token:
+                if bytes(got) == token:
                     self._orphans.remove(o)
                     return o
             await anyio.sleep(0.005)  # the fork event may not have been read yet

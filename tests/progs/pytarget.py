@@ -94,6 +94,19 @@ def main() -> None:
             reg = (ctypes.c_uint64 * 4)(r.addr + int(a[0]), int(a[1]), 1, 0)
             rc2 = libc.ioctl(fd, 0xC020AA00, reg)  # UFFDIO_REGISTER, MISSING
             reply = f"{fd} {rc1} {rc2} {ctypes.get_errno()}"
+        elif cmd == "forkmany":  # N children at once; each checks the data, then waits
+            want = hashlib.sha256(r.bytes()).hexdigest()
+            pids = []
+            for _ in range(int(a[0])):
+                pid = os.fork()
+                if pid == 0:
+                    ok = hashlib.sha256(r.bytes()).hexdigest() == want
+                    import time
+
+                    time.sleep(1.0)  # alive while the manager matches its siblings
+                    os._exit(0 if ok else 1)
+                pids.append(pid)
+            reply = " ".join(str(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])) for p in pids)
         elif cmd == "rss":
             reply = next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmRSS"))
         elif cmd == "agent":
