@@ -20,6 +20,45 @@
  *
  *   int uf_inject(int pid, struct uf_syscall *calls, int n);
  *
+ * Pseudo-call (not run in the target, needs no extra stop): nr = UF_CALL_RSEQ_AREAS (-1000),
+ * args[0] = address of a uint64_t array in the CALLER's memory, args[1] = its capacity in
+ * (start, length) pairs.  It stores the rseq area of every thread stopped for the session,
+ * the injection thread's first; ret = how many threads have one (may exceed the capacity:
+ * only that many are stored) or -errno (-EOPNOTSUPP: the kernel has no
+ * PTRACE_GET_RSEQ_CONFIGURATION, Linux < 5.13).
+ *
+ * Pseudo-call nr = UF_CALL_UNLESS_RSEQ (-1001), args[0] = start, args[1] = length: if
+ * [start, start + length) shares a page with the injection thread's rseq area, the NEXT call
+ * is not run (its ret is -EDEADLK) and this one's ret is 1; otherwise ret is 0.  It guards a
+ * call that takes pages away (see below) with what is true in this very session: a list
+ * from an earlier session may be stale (a process just exec'd registers its rseq area
+ * moments after it starts; a new thread may become the injection thread).
+ *
+ * Pseudo-call nr = UF_CALL_IF_SAME_FILE (-1002), args[0] = an fd of the target, args[1] =
+ * an fd of the caller: ret 0 if both are the same open file (kcmp KCMP_FILE), else 1 (or
+ * -errno, e.g. -EBADF: the target has no such fd) and every later call of the session is
+ * cancelled (-ECANCELED, not run).  Checked while every thread is stopped, so the target
+ * cannot exec between the check and the calls: a caller that holds a duplicate of a
+ * close-on-exec fd it created in the target knows that the calls run in that same image
+ * (not in a program the target exec'd since, whose fds and mappings are not the caller's).
+ *
+ * Why a caller may need them: between two injected calls the injection thread returns to
+ * user space (it executes the borrowed `syscall` there), and on that way out the kernel
+ * reads and writes the thread's rseq area (rseq notify-resume runs after every preemption,
+ * and every ptrace stop is one).  If an injected call made the page of that area missing
+ * in a userfaultfd-registered range (UFFDIO_MOVE, MADV_DONTNEED) and the fault handler
+ * cannot resolve it before the session ends (say, it holds faults on pages being evicted
+ * until the caller has read them, which it does after uf_inject() returns), the thread
+ * waits in that kernel-mode fault forever and uf_inject() with it: a deadlock that no
+ * ptrace request can break (only SIGKILL ends a kernel-mode userfaultfd wait).  Callers
+ * that take pages away from the target must keep the pages of these areas resident
+ * (UF_CALL_RSEQ_AREAS tells which; UF_CALL_UNLESS_RSEQ catches a stale list).  The same
+ * holds for any other memory the kernel touches on the thread's behalf on the way out
+ * (io_uring task_work copying into user buffers, for instance): keep it resident, or make
+ * the call that removes it the last of its session.  And for the same reason, while such
+ * faults are held, do not start another session: a thread waiting in a kernel-mode fault
+ * cannot reach the ptrace stop that attaching waits for.
+ *
  * How: PTRACE_SEIZE + PTRACE_INTERRUPT every thread (re-listing /proc/PID/task until no new
  * thread shows up), pick the thread-group leader (or any live thread), point its rip at an
  * existing `0f 05` (syscall) in an executable mapping (the vDSO first; we never write to the
@@ -31,8 +70,13 @@
  * stopped inside an rseq critical section resumes at the section's abort handler, as the
  * kernel would have done.
  *
- * Caller requirements and limits: no other thread of the calling process may wait for "any
- * child" (waitpid(-1), wait()) during a session, or it may steal our ptrace stops.  The call
+ * Stops are waited for by polling waitid(WNOHANG) - spinning for 30 us, then napping 10 us
+ * doubling up to 1 ms - never by blocking in waitid(): see stolen_stop().
+ *
+ * Caller requirements and limits: no other thread of the calling process should wait for
+ * the target during a session (waitpid(pid), waitpid(-1), wait(); Popen.wait()/poll(), asyncio
+ * child watchers): the kernel hands it our ptrace stops.  uf_inject() notices a stolen stop
+ * and goes on (stolen_stop()), but that waiter gets a bogus "stopped" status.  The call
  * blocks while a target thread cannot reach a ptrace stop (uninterruptible sleep, a vfork
  * parent until its child execs, a kernel-mode userfaultfd fault that nobody resolves) and
  * while an injected syscall blocks.  A seccomp filter or syscall user dispatch in the target
@@ -52,6 +96,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/prctl.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -89,6 +134,13 @@ int uf_inject(int pid, struct uf_syscall *calls, int n)
 #define PTRACE_GET_RSEQ_CONFIGURATION 0x420f
 #endif
 
+#define UF_CALL_RSEQ_AREAS (-1000) /* pseudo-calls: see the API above */
+#define UF_CALL_UNLESS_RSEQ (-1001)
+#define UF_CALL_IF_SAME_FILE (-1002)
+#ifndef KCMP_FILE
+#define KCMP_FILE 0
+#endif
+
 #define UF_USER_CS 0x33 /* __USER_CS: the thread runs 64-bit code */
 #define UF_SYSCALL_STOP (SIGTRAP | 0x80)
 
@@ -110,6 +162,9 @@ struct sess {
 	int inj;                /* index of the injection thread, -1 if none */
 	int moved;              /* the injection thread was resumed: its registers changed */
 	int where;
+	int prepared;           /* the injection thread was set up for calls (prepare()) */
+	int rseq_known;         /* rseq_start/rseq_end hold its rseq area's pages ([0, 0): none) */
+	unsigned long rseq_start, rseq_end;
 	int masked;             /* its signal mask was replaced by `mask | async signals` */
 	uint64_t mask;          /* its own signal mask (kernel sigset: bit n-1 = signal n) */
 	int died;               /* the process was killed / exited during the session */
@@ -136,29 +191,78 @@ static long elapsed_ns(const struct timespec *t0)
 	return (t.tv_sec - t0->tv_sec) * 1000000000L + (t.tv_nsec - t0->tv_nsec);
 }
 
+/* After spinning, wait_stop() polls with sleeps that double from UF_POLL_MIN_NS up to
+ * UF_POLL_MAX_NS (see stolen_stop() for why it never blocks in waitid()). */
+#define UF_POLL_MIN_NS 10000
+#define UF_POLL_MAX_NS 1000000
+
+/* Is `tid` in a ptrace stop whose report somebody else took?  Any thread of the caller's
+ * process that waits for the tracee - waitpid(pid) or waitpid(-1) without __WNOTHREAD, as
+ * subprocess.Popen.wait()/poll() and asyncio's child watchers do - is handed our ptrace
+ * stops (the kernel reports a tracee's stops to every thread of its tracer's thread group),
+ * and a blocking waitid() of ours would then wait forever.  A ptrace request succeeds only
+ * on a tracee that is stopped; if it does and waitid() still has nothing to report, the
+ * report was consumed: rebuild the status from the stop's siginfo. */
+static int stolen_stop(pid_t tid, int *status)
+{
+	siginfo_t si;
+
+	memset(&si, 0, sizeof(si));
+	if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) < 0) {
+		if (errno != EINVAL)
+			return 0; /* ESRCH: running (or dead: waitid() says ECHILD) */
+		*status = SIGSTOP | (PTRACE_EVENT_STOP << 8); /* a stop without siginfo */
+		return 1;
+	}
+	if (si.si_signo == SIGTRAP && si.si_code == UF_SYSCALL_STOP)
+		*status = UF_SYSCALL_STOP;
+	else if (si.si_code > 0xff) /* PTRACE_EVENT_*: signo | event << 8 */
+		*status = si.si_code;
+	else
+		*status = si.si_signo; /* signal-delivery stop */
+	return 1;
+}
+
 /* waitid() without WEXITED: reports ptrace stops but never reaps.  A thread that died gives
- * ECHILD instead of blocking forever, which matters for a leader with sub-threads: its exit is
- * not reported until every other thread is reaped, and those are our (stopped) tracees. */
+ * ECHILD instead of waiting forever, which matters for a leader with sub-threads: its exit is
+ * not reported until every other thread is reaped, and those are our (stopped) tracees.
+ * It polls (WNOHANG) rather than blocks, so that a stop whose report another thread took
+ * (stolen_stop()) is noticed. */
 static int wait_stop(pid_t tid, int *status)
 {
 	struct timespec t0;
 	siginfo_t si;
-	int flags = WSTOPPED | __WALL | __WNOTHREAD | WNOHANG;
+	long nap = 0;
+	int spinning = 1;
 
 	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (;;) {
 		memset(&si, 0, sizeof(si));
-		if (waitid(P_PID, (id_t)tid, &si, flags) < 0) {
+		if (waitid(P_PID, (id_t)tid, &si, WSTOPPED | __WALL | __WNOTHREAD | WNOHANG) < 0) {
 			if (errno == EINTR)
 				continue;
 			return -errno;
 		}
 		if (si.si_pid)
 			break;
-		if ((flags & WNOHANG) && elapsed_ns(&t0) > UF_SPIN_NS)
-			flags &= ~WNOHANG;
-		else
+		if (spinning && elapsed_ns(&t0) < UF_SPIN_NS) {
 			__builtin_ia32_pause(); /* waitid takes tasklist_lock: do not hammer it */
+			continue;
+		}
+		spinning = 0;
+		if (stolen_stop(tid, status)) {
+			/* ...unless it was reported in the meantime: then that report counts */
+			memset(&si, 0, sizeof(si));
+			if (waitid(P_PID, (id_t)tid, &si, WSTOPPED | __WALL | __WNOTHREAD | WNOHANG) == 0 &&
+			    si.si_pid)
+				break;
+			return 0;
+		}
+		nap = nap ? (nap * 2 < UF_POLL_MAX_NS ? nap * 2 : UF_POLL_MAX_NS) : UF_POLL_MIN_NS;
+		{
+			struct timespec ts = { 0, nap };
+			nanosleep(&ts, NULL);
+		}
 	}
 	if (si.si_pid != tid || (si.si_code != CLD_TRAPPED && si.si_code != CLD_STOPPED))
 		return -ECHILD;
@@ -740,11 +844,105 @@ static int finish(struct sess *s)
 	return s->died ? -ESRCH : 0;
 }
 
+/* UF_CALL_RSEQ_AREAS: the rseq areas of the stopped threads, the injection thread's first. */
+static long rseq_areas(struct sess *s, const struct uf_syscall *c)
+{
+	uint64_t *out = (uint64_t *)c->args[0];
+	long cap = c->args[1], found = 0;
+
+	if (cap < 0 || (cap > 0 && !out))
+		return -EINVAL;
+	for (int k = -1; k < s->nt; k++) {
+		int i = k < 0 ? s->inj : k;
+		struct uf_rseq_conf conf;
+		long r;
+		if (i < 0 || (k >= 0 && i == s->inj) || s->t[i].state != T_STOPPED)
+			continue;
+		memset(&conf, 0, sizeof(conf));
+		r = ptrace(PTRACE_GET_RSEQ_CONFIGURATION, s->t[i].tid, (void *)sizeof(conf), &conf);
+		if (r < 0) {
+			if (errno == EIO || errno == EINVAL)
+				return -EOPNOTSUPP;
+			continue; /* ESRCH: it is dying */
+		}
+		if (!conf.rseq_abi_pointer)
+			continue;
+		if (found < cap) {
+			out[2 * found] = conf.rseq_abi_pointer;
+			out[2 * found + 1] = conf.rseq_abi_size ? conf.rseq_abi_size : 32;
+		}
+		found++;
+	}
+	return found;
+}
+
+/* UF_CALL_UNLESS_RSEQ: 1 if [args[0], args[0] + args[1]) shares a page with the injection
+ * thread's rseq area. */
+static long touches_rseq(struct sess *s, const struct uf_syscall *c)
+{
+	unsigned long start = (unsigned long)c->args[0], len = (unsigned long)c->args[1];
+	unsigned long page = (unsigned long)sysconf(_SC_PAGESIZE);
+
+	if (!s->rseq_known) {
+		struct uf_rseq_conf conf;
+		memset(&conf, 0, sizeof(conf));
+		s->rseq_known = 1;
+		if (ptrace(PTRACE_GET_RSEQ_CONFIGURATION, s->t[s->inj].tid, (void *)sizeof(conf), &conf) < 0) {
+			if (errno == ESRCH)
+				return -ESRCH;
+			/* no way to know (Linux < 5.13): assume the worst for this range */
+			s->rseq_start = 0;
+			s->rseq_end = ~0UL;
+		} else if (conf.rseq_abi_pointer) {
+			unsigned long n = conf.rseq_abi_size ? conf.rseq_abi_size : 32;
+			s->rseq_start = conf.rseq_abi_pointer & ~(page - 1);
+			s->rseq_end = (conf.rseq_abi_pointer + n + page - 1) & ~(page - 1);
+		}
+	}
+	return len > 0 && start < s->rseq_end && s->rseq_start < start + len;
+}
+
+/* Sets the injection thread up for running calls: its registers, a syscall instruction,
+ * its rseq state, its signals.  Done before the first real call only, so that a session of
+ * pseudo-calls never resumes it. */
+static int prepare(struct sess *s)
+{
+	pid_t tid = s->t[s->inj].tid;
+
+	s->prepared = 1;
+	if (ptrace(PTRACE_GETREGS, tid, 0, &s->saved) < 0)
+		return errno == ESRCH ? -ESRCH : -errno;
+	if (s->saved.cs != UF_USER_CS) /* a 32-bit process: 0f 05 is not its syscall */
+		return -ENOEXEC;
+	s->gadget = find_gadget(s->pid, tid);
+	if (!s->gadget) {
+		/* An empty /proc/PID/maps: SIGKILL took it out of its stop, it is exiting. */
+		siginfo_t si;
+		if (ptrace(PTRACE_GETSIGINFO, tid, 0, &si) < 0 && errno == ESRCH)
+			return -ESRCH;
+		return -ENOEXEC;
+	}
+	/* Must be read before the first resume: returning to user space at the gadget makes
+	 * the kernel clear rseq->rseq_cs. */
+	s->abort_ip = rseq_abort_ip(tid, &s->saved);
+	/* Once resumed, the thread leaves the signal-delivery stop it may be parked in; that
+	 * signal joins the ones collected during the session and is given back at the end. */
+	if (s->t[s->inj].sig) {
+		collect_signal(s, tid, s->t[s->inj].sig);
+		s->t[s->inj].sig = 0;
+	}
+	s->where = W_SIGNAL;
+	if (!in_sigmask_syscall(&s->saved))
+		return block_signals(s);
+	return 0;
+}
+
 int uf_inject(int pid, struct uf_syscall *calls, int n)
 {
 	struct sess s;
 	char path[64], buf[4096];
 	int rc, rc2, i;
+	long slack;
 
 	if (pid <= 0 || n < 0 || (n > 0 && !calls))
 		return -EINVAL;
@@ -765,6 +963,10 @@ int uf_inject(int pid, struct uf_syscall *calls, int n)
 	s.inj = -1;
 	s.real_parent = status_field(buf, "\nPPid:") == getpid();
 
+	/* wait_stop() naps for microseconds: the default 50 us timer slack would dominate */
+	slack = prctl(PR_GET_TIMERSLACK, 0, 0, 0, 0);
+	if (slack > 1000)
+		prctl(PR_SET_TIMERSLACK, 1000UL, 0, 0, 0);
 	rc = attach_all(&s);
 	if (rc)
 		goto out;
@@ -772,41 +974,41 @@ int uf_inject(int pid, struct uf_syscall *calls, int n)
 	for (i = 0; i < s.nt; i++)
 		if (s.t[i].state == T_STOPPED && (s.inj < 0 || s.t[i].tid == pid))
 			s.inj = i;
-	if (n == 0)
-		goto out;
-	if (ptrace(PTRACE_GETREGS, s.t[s.inj].tid, 0, &s.saved) < 0) {
-		rc = errno == ESRCH ? -ESRCH : -errno;
-		goto out;
-	}
-	if (s.saved.cs != UF_USER_CS) { /* a 32-bit process: 0f 05 is not its syscall */
-		rc = -ENOEXEC;
-		goto out;
-	}
-	s.gadget = find_gadget(pid, s.t[s.inj].tid);
-	if (!s.gadget) {
-		rc = -ENOEXEC;
-		goto out;
-	}
-	/* Must be read before the first resume: returning to user space at the gadget makes
-	 * the kernel clear rseq->rseq_cs. */
-	s.abort_ip = rseq_abort_ip(s.t[s.inj].tid, &s.saved);
-	/* Once resumed, the thread leaves the signal-delivery stop it may be parked in; that
-	 * signal joins the ones collected during the session and is given back at the end. */
-	if (s.t[s.inj].sig) {
-		collect_signal(&s, s.t[s.inj].tid, s.t[s.inj].sig);
-		s.t[s.inj].sig = 0;
-	}
-	s.where = W_SIGNAL;
-	if (!in_sigmask_syscall(&s.saved))
-		rc = block_signals(&s);
-	for (i = 0; i < n && !rc; i++)
+	for (i = 0; i < n && !rc; i++) {
+		if (calls[i].nr == UF_CALL_RSEQ_AREAS) {
+			calls[i].ret = rseq_areas(&s, &calls[i]);
+			continue;
+		}
+		if (calls[i].nr == UF_CALL_IF_SAME_FILE) {
+			long r = syscall(SYS_kcmp, pid, getpid(), KCMP_FILE, calls[i].args[0], calls[i].args[1]);
+			calls[i].ret = r < 0 ? -errno : r != 0;
+			if (calls[i].ret)
+				break; /* the rest stays -ECANCELED */
+			continue;
+		}
+		if (calls[i].nr == UF_CALL_UNLESS_RSEQ) {
+			calls[i].ret = touches_rseq(&s, &calls[i]);
+			if (calls[i].ret == 1 && i + 1 < n) {
+				i++;
+				calls[i].ret = -EDEADLK;
+			}
+			continue;
+		}
+		if (!s.prepared) {
+			rc = prepare(&s);
+			if (rc)
+				break;
+		}
 		rc = run_call(&s, &calls[i]);
-	if (rc == -ESRCH) {
-		s.t[s.inj].state = T_DEAD;
-		s.died = 1;
+		if (rc == -ESRCH) {
+			s.t[s.inj].state = T_DEAD;
+			s.died = 1;
+		}
 	}
 out:
 	rc2 = finish(&s);
+	if (slack > 1000)
+		prctl(PR_SET_TIMERSLACK, (unsigned long)slack, 0, 0, 0);
 	free(s.t);
 	free(s.sigs);
 	return rc ? rc : rc2;

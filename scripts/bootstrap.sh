@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything uffdio needs on a Debian/Ubuntu machine: system packages (liburing-dev,
-# pkg-config, a C compiler, python3-venv) when missing, then a virtual environment in .venv
-# with uffdio installed (editable) and its test dependencies.  Safe to run again: it only
-# does what is missing.
+# pkg-config, a C compiler, python3-venv, sqlite3 for the program tests) when missing, then a
+# virtual environment in .venv with uffdio installed (editable) and its test dependencies.
+# Safe to run again: it only does what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,6 +12,7 @@ need=()
 pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ] || need+=(liburing-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v gcc >/dev/null || need+=(gcc)
+command -v sqlite3 >/dev/null || need+=(sqlite3)
 "$PY" -c 'import ensurepip, venv' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
     echo "bootstrap: installing system packages: ${need[*]}"

@@ -35,6 +35,9 @@ struct uf_syscall {
 	long ret;
 };
 int uf_inject(int pid, struct uf_syscall *calls, int n);
+#define UF_CALL_RSEQ_AREAS (-1000) /* inject.c pseudo-calls */
+#define UF_CALL_UNLESS_RSEQ (-1001)
+#define UF_CALL_IF_SAME_FILE (-1002)
 
 /* ---- reporting ------------------------------------------------------------------ */
 
@@ -88,6 +91,7 @@ struct shared {
 	volatile uint64_t sig_count, rt_count, rt_sum;
 	volatile uint64_t rseq_aborts, rseq_spins;
 	volatile int rseq_ready;
+	volatile uint64_t rseq_area[2]; /* the leader's and the spinner's struct rseq */
 	volatile int blocked_ret, blocked_errno, blocked_done;
 	volatile int ready;
 	volatile int mask_ok;
@@ -1222,6 +1226,7 @@ static void *rseq_thread(void *arg)
 		sh->rseq_ready = -1;
 		return NULL;
 	}
+	sh->rseq_area[1] = (uint64_t)(uintptr_t)(tp + __rseq_offset);
 	sh->rseq_ready = 1;
 	uf_test_rseq_spin((volatile uint64_t *)(tp + __rseq_offset + 8), &sh->rseq_aborts, &sh->rseq_spins);
 	return NULL;
@@ -1229,6 +1234,10 @@ static void *rseq_thread(void *arg)
 
 static void rseq_body(void)
 {
+	char *tp;
+
+	__asm__ volatile("mov %%fs:0, %0" : "=r"(tp));
+	sh->rseq_area[0] = (uint64_t)(uintptr_t)(tp + __rseq_offset);
 	install(SIGUSR2, SA_RESTART);
 	start_thread(rseq_thread, NULL);
 }
@@ -1300,6 +1309,180 @@ static void test_rseq_injection_thread(void)
 	      "rseq: injecting from a thread stopped in a critical section aborts it (%d/50 aborted, %d bad, %d unarmed)",
 	      aborted, bad, unarmed);
 	finish_child(&ch);
+}
+
+
+/* UF_CALL_RSEQ_AREAS: the stopped threads' rseq areas (injection thread first), without
+ * resuming anyone; mixed with real calls; bad arguments. */
+static void test_rseq_areas(void)
+{
+	struct child ch = spawn(rseq_body);
+	uint64_t areas[8];
+	struct uf_syscall c[3];
+	int rc, bad = 0;
+
+	WAIT_FOR(sh->rseq_ready, 2000);
+	if (sh->rseq_ready != 1) {
+		printf("skip rseq areas: glibc did not register rseq\n");
+		finish_child(&ch);
+		return;
+	}
+	memset(areas, 0, sizeof(areas));
+	c[0] = sc(UF_CALL_RSEQ_AREAS, (long)(uintptr_t)areas, 4, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 1);
+	CHECK(rc == 0 && c[0].ret == 2 && areas[0] == sh->rseq_area[0] && areas[1] >= 20 &&
+		      areas[2] == sh->rseq_area[1] && areas[3] >= 20,
+	      "rseq areas: leader's first, then the spinner's (rc=%d ret=%ld, %#llx/%llu %#llx/%llu, want %#llx %#llx)",
+	      rc, c[0].ret, (unsigned long long)areas[0], (unsigned long long)areas[1],
+	      (unsigned long long)areas[2], (unsigned long long)areas[3],
+	      (unsigned long long)sh->rseq_area[0], (unsigned long long)sh->rseq_area[1]);
+
+	/* a session of only pseudo-calls never resumes the leader (blocked in read()) */
+	for (int i = 0; i < 100; i++) {
+		c[0] = sc(UF_CALL_RSEQ_AREAS, (long)(uintptr_t)areas, 4, 0, 0, 0, 0);
+		if (uf_inject(ch.pid, c, 1) != 0 || c[0].ret != 2)
+			bad++;
+	}
+	CHECK(bad == 0 && sh->cmd_bad == 0 && call(&ch, OP_PING, 0, 0, 0) == 1 && not_traced(ch.pid),
+	      "rseq areas: 100 query-only sessions, leader undisturbed (%d bad, %llu EINTR)", bad,
+	      (unsigned long long)sh->cmd_bad);
+
+	/* mixed with real calls, in any position; capacity 0 counts; capacity 1 truncates */
+	c[0] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	c[1] = sc(UF_CALL_RSEQ_AREAS, 0, 0, 0, 0, 0, 0);
+	c[2] = sc(SYS_gettid, 0, 0, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 3);
+	CHECK(rc == 0 && c[0].ret == ch.pid && c[1].ret == 2 && c[2].ret == ch.pid,
+	      "rseq areas: between real calls, capacity 0 (rc=%d: %ld %ld %ld)", rc, c[0].ret, c[1].ret, c[2].ret);
+	memset(areas, 0, sizeof(areas));
+	c[0] = sc(UF_CALL_RSEQ_AREAS, (long)(uintptr_t)areas, 1, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 1);
+	CHECK(rc == 0 && c[0].ret == 2 && areas[0] == sh->rseq_area[0] && areas[2] == 0,
+	      "rseq areas: capacity 1 stores one, counts two (ret=%ld)", c[0].ret);
+	c[0] = sc(UF_CALL_RSEQ_AREAS, 0, 4, 0, 0, 0, 0);
+	c[1] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 2);
+	CHECK(rc == 0 && c[0].ret == -EINVAL && c[1].ret == ch.pid,
+	      "rseq areas: NULL buffer -> -EINVAL, the session goes on (rc=%d ret=%ld)", rc, c[0].ret);
+	CHECK(call(&ch, OP_PING, 0, 0, 0) == 1 && not_traced(ch.pid) && sh->cmd_bad == 0,
+	      "rseq areas: child healthy");
+	finish_child(&ch);
+}
+
+/* UF_CALL_UNLESS_RSEQ skips the next call when its range holds the injection thread's rseq
+ * area; UF_CALL_IF_SAME_FILE cancels the rest of the session unless the target's fd is the
+ * caller's open file. */
+static void test_guards(void)
+{
+	int shared = open("/dev/null", O_RDONLY | O_CLOEXEC), other = open("/dev/null", O_RDONLY | O_CLOEXEC);
+	struct child ch;
+	struct uf_syscall c[6];
+	uint64_t a, page = (uint64_t)sysconf(_SC_PAGESIZE);
+	int rc;
+
+	fcntl(shared, F_SETFD, 0); /* the child inherits this very open file */
+	ch = spawn(rseq_body);
+	WAIT_FOR(sh->rseq_ready, 2000);
+	if (sh->rseq_ready != 1) {
+		printf("skip guards: glibc did not register rseq\n");
+		finish_child(&ch);
+		close(shared);
+		close(other);
+		return;
+	}
+	a = sh->rseq_area[0]; /* the leader's: the leader runs the calls */
+	c[0] = sc(UF_CALL_UNLESS_RSEQ, (long)(a & ~(page - 1)) + (long)page, (long)page, 0, 0, 0, 0); /* next page */
+	c[1] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	c[2] = sc(UF_CALL_UNLESS_RSEQ, (long)(a & ~(page - 1)) - (long)page, 2 * (long)page, 0, 0, 0, 0);
+	c[3] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	c[4] = sc(UF_CALL_UNLESS_RSEQ, (long)sh->rseq_area[1], 8, 0, 0, 0, 0); /* another thread's */
+	c[5] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 6);
+	CHECK(rc == 0 && c[0].ret == 0 && c[1].ret == ch.pid && c[2].ret == 1 && c[3].ret == -EDEADLK &&
+		      c[4].ret == 0 && c[5].ret == ch.pid,
+	      "guards: UNLESS_RSEQ skips only a call whose range holds the injection thread's rseq page "
+	      "(rc=%d: %ld %ld %ld %ld %ld %ld)",
+	      rc, c[0].ret, c[1].ret, c[2].ret, c[3].ret, c[4].ret, c[5].ret);
+
+	c[0] = sc(UF_CALL_IF_SAME_FILE, shared, shared, 0, 0, 0, 0);
+	c[1] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	c[2] = sc(UF_CALL_IF_SAME_FILE, shared, other, 0, 0, 0, 0);
+	c[3] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 4);
+	CHECK(rc == 0 && c[0].ret == 0 && c[1].ret == ch.pid && c[2].ret == 1 && c[3].ret == -ECANCELED,
+	      "guards: IF_SAME_FILE runs the rest only for the same open file (rc=%d: %ld %ld %ld %ld)", rc, c[0].ret,
+	      c[1].ret, c[2].ret, c[3].ret);
+	c[0] = sc(UF_CALL_IF_SAME_FILE, 999, shared, 0, 0, 0, 0);
+	c[1] = sc(SYS_getpid, 0, 0, 0, 0, 0, 0);
+	rc = uf_inject(ch.pid, c, 2);
+	CHECK(rc == 0 && c[0].ret == -EBADF && c[1].ret == -ECANCELED,
+	      "guards: IF_SAME_FILE on a closed fd -> -EBADF, rest cancelled (rc=%d: %ld %ld)", rc, c[0].ret, c[1].ret);
+	CHECK(call(&ch, OP_PING, 0, 0, 0) == 1 && not_traced(ch.pid) && sh->cmd_bad == 0, "guards: child healthy");
+	finish_child(&ch);
+	close(shared);
+	close(other);
+}
+
+/* Another thread of the CALLER waits for the target meanwhile (Popen.wait() in a thread,
+ * a SIGCHLD handler with waitpid(-1), asyncio's child watcher): the kernel hands it our
+ * ptrace stops.  uf_inject() must notice and go on, never wait forever. */
+struct stealer {
+	pid_t pid;
+	int any;                /* waitpid(-1, WNOHANG) in a loop, else a blocking waitpid(pid) */
+	volatile int stop;
+	volatile long stolen, other;
+};
+
+static void *stealer_thread(void *arg)
+{
+	struct stealer *st = arg;
+
+	while (!st->stop) {
+		int w;
+		pid_t r = st->any ? waitpid(-1, &w, WNOHANG) : waitpid(st->pid, &w, 0);
+		if (r > 0 && WIFSTOPPED(w))
+			st->stolen++;
+		else if (r > 0)
+			st->other++;
+	}
+	return NULL;
+}
+
+static void test_stolen_stops(void)
+{
+	for (int k = 0; k < 4; k++) {
+		int mt = k & 1, any = k >> 1, bad = 0, rc = 0;
+		struct child ch = spawn(mt ? mt_body : nop_body);
+		struct stealer st = { ch.pid, any, 0, 0, 0 };
+		pthread_t t;
+		uint64_t t0;
+
+		WAIT_FOR(mt ? sh->ready : 1, 5000);
+		pthread_create(&t, NULL, stealer_thread, &st);
+		t0 = now_ns();
+		for (int i = 0; i < 200; i++) {
+			struct uf_syscall c[4];
+			for (int j = 0; j < 4; j++)
+				c[j] = sc(j & 1 ? SYS_gettid : SYS_getpid, 0, 0, 0, 0, 0, 0);
+			rc = uf_inject(ch.pid, c, 4);
+			for (int j = 0; j < 4; j++)
+				if (rc || c[j].ret != ch.pid)
+					bad++;
+		}
+		t0 = now_ns() - t0;
+		st.stop = 1;
+		if (!any)
+			pthread_cancel(t); /* waitpid() is a cancellation point */
+		pthread_join(t, NULL);
+		CHECK(bad == 0 && st.stolen > 0 && st.other == 0,
+		      "stolen stops: %s target, %s in another thread: 200 sessions ok (%d bad, %ld stops stolen, %.1f ms)",
+		      mt ? "5-thread" : "1-thread", any ? "waitpid(-1, WNOHANG) loop" : "blocking waitpid(pid)", bad,
+		      st.stolen, (double)t0 / 1e6);
+		CHECK(call(&ch, OP_PING, 0, 0, 0) == 1 && not_traced(ch.pid) &&
+			      (!mt || (sh->busy_bad == 0 && sh->read_bad == 0 && sh->sleep_bad == 0 && sh->cmd_bad == 0)),
+		      "stolen stops: target healthy afterwards");
+		finish_child(&ch);
+	}
 }
 
 /* ---- concurrency: two caller threads, two targets ------------------------------------------- */
@@ -1399,6 +1582,9 @@ int main(int argc, char **argv)
 		test_exit();
 		test_rseq();
 		test_rseq_injection_thread();
+		test_rseq_areas();
+		test_guards();
+		test_stolen_stops();
 		test_parallel();
 	}
 	if (strcmp(mode, "--no-timing"))
