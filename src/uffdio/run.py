@@ -254,9 +254,10 @@ async def _attach(args: argparse.Namespace) -> dict[str, Any]:
             while proc.managed and (deadline is None or time.monotonic() < deadline):  # noqa: ASYNC110 - polls two conditions
                 await anyio.sleep(0.05)
             tg.cancel_scope.cancel()
+        exited = proc.exited  # before release(), which retires it either way
         if proc.managed:
             await proc.release()
-        return _summary(m, {"pid": args.pid, "exited": proc.exited})
+        return _summary(m, {"pid": args.pid, "exited": exited})
 
 
 def cmd_attach(args: argparse.Namespace) -> int:
