@@ -329,8 +329,8 @@ def _interp(which: str) -> str:
     ],
 )
 def test_python_structures(tmp_path, which, mode):
-    """~80 MB of dicts, lists and a bytearray, sorted, hashed and json round-tripped, print the
-    same digests under management as bare (Debian's python3 and this venv's interpreter)."""
+    """Dicts, lists and a bytearray (~100 MB peak), sorted, hashed and json round-tripped,
+    print the same digests under management as bare (Debian's python3 and this venv's)."""
     base, got = python_pair(_interp(which), STRUCTURES, tmp_path, mode)
     assert_same(base, got, mode)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import anyio
 
-from ._errors import UffdError, UffdProcessGone
+from ._errors import UffdProcessGone
 from .agent import library_path
 from .manage import Manager, Spawned
 
@@ -111,9 +111,10 @@ async def churn(m: Manager, every: float) -> None:
                 await p.evict()
             except UffdProcessGone:
                 continue  # exited meanwhile
-            except UffdError as exc:  # e.g. no UFFDIO_MOVE: say so, go on serving
+            except Exception as exc:  # e.g. no UFFDIO_MOVE, or a bug: say so, keep serving -
+                # a manager that dies here would leave its programs waiting on faults
                 if not p.exited:
-                    print(f"uffdio: pid {p.pid}: eviction failed: {exc}", file=sys.stderr)
+                    print(f"uffdio: pid {p.pid}: eviction failed: {exc!r}", file=sys.stderr)
 
 
 def _foreground() -> bool:
