@@ -387,11 +387,17 @@ class ManagedProcess:
             src, ln, boff = placed[i]
             filled.append((boff + (s - src), n))
         if filled:
-            local = [(buf + o, n) for o, n in filled]
-            remote = [(self.scratch + o, n) for o, n in filled]
-            # may fault on scratch holes (source holes): the engine thread zero-fills them
-            got = await anyio.to_thread.run_sync(_readv, self.pid, local, remote)
-            want = sum(n for _, n in filled)
+            # Read only the scratch pages that are present: a hole there was a hole in the
+            # source (never touched: zeros, which the fresh store extent already holds), and
+            # reading it would fault - a wait on our own engine, forever if the process
+            # died meanwhile.
+            present = await anyio.to_thread.run_sync(
+                self.present_ranges, [(self.scratch + o, n) for o, n in filled]
+            )
+            local = [(buf + (a - self.scratch), n) for a, n in present]
+            remote = list(present)
+            got = await anyio.to_thread.run_sync(_readv, self.pid, local, remote) if remote else 0
+            want = sum(n for _, n in present)
             if got != want:
                 self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
                 raise error_for(errno.EIO, "evict: process_vm_readv", f"read {got} of {want} bytes")
