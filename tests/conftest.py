@@ -126,3 +126,15 @@ async def read_present(pid: int, addr: int, length: int) -> bytes:
         n = await anyio.to_thread.run_sync(go, abandon_on_cancel=True)
     assert n == length
     return bytes(buf)
+
+
+async def line_cmd(popen, *args: object, timeout: float = 30) -> str:  # noqa: ASYNC109
+    """One command line to a tests/progs/pytarget.py process, its one-line reply (bounded:
+    a target stuck in a fault cannot hang the test)."""
+    assert popen.stdin and popen.stdout
+    popen.stdin.write(" ".join(map(str, args)) + "\n")
+    popen.stdin.flush()
+    with anyio.fail_after(timeout):
+        line = await anyio.to_thread.run_sync(popen.stdout.readline, abandon_on_cancel=True)
+    assert line, f"the target exited (rc={popen.poll()})"
+    return line.strip()

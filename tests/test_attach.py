@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import requires
+from conftest import line_cmd, requires
 
 import uffdio
 from uffdio import attach as A
@@ -81,15 +81,7 @@ class Target:
         self.model = bytearray(size)  # what the region must hold
 
     async def cmd(self, *args: object, timeout: float = 30) -> str:
-        assert self.popen.stdin and self.popen.stdout
-        self.popen.stdin.write(" ".join(map(str, args)) + "\n")
-        self.popen.stdin.flush()
-        with anyio.fail_after(timeout):
-            line = await anyio.to_thread.run_sync(
-                self.popen.stdout.readline, abandon_on_cancel=True
-            )
-        assert line, "the target exited"
-        return line.strip()
+        return await line_cmd(self.popen, *args, timeout=timeout)
 
     async def fill(self, seed: int) -> str:
         addr, digest = (await self.cmd("fill", seed)).split()

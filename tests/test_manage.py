@@ -15,7 +15,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from conftest import requires
+from conftest import line_cmd, requires
 
 import uffdio
 from uffdio.manage import Manager
@@ -56,15 +56,7 @@ class Prog:
         self.popen = self.spawned.popen
 
     async def cmd(self, *args: object, timeout: float = 30) -> str:
-        assert self.popen.stdin and self.popen.stdout
-        self.popen.stdin.write(" ".join(map(str, args)) + "\n")
-        self.popen.stdin.flush()
-        with anyio.fail_after(timeout):
-            line = await anyio.to_thread.run_sync(
-                self.popen.stdout.readline, abandon_on_cancel=True
-            )
-        assert line, f"program exited (rc={self.popen.poll()})"
-        return line.strip()
+        return await line_cmd(self.popen, *args, timeout=timeout)
 
     async def close(self) -> int:
         await self.cmd("exit")

@@ -64,6 +64,7 @@ from ._errors import (
     error_for,
 )
 from ._lib import CData, ffi, lib
+from ._process import _flat
 from ._uffd import Userfaultfd, _sole
 
 if sys.version_info < (3, 11):  # pragma: no cover
@@ -618,14 +619,9 @@ def _normalize(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 
 
 def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> int:
-    lf = ffi.new("uint64_t[]", 2 * len(local))
-    rf = ffi.new("uint64_t[]", 2 * len(remote))
-    for i, (a, n) in enumerate(local):
-        lf[2 * i], lf[2 * i + 1] = a, n
-    for i, (a, n) in enumerate(remote):
-        rf[2 * i], rf[2 * i + 1] = a, n
+    """process_vm_readv between manager addresses and remote ranges, both as (addr, len)."""
     return check(
-        lib.uf_process_vm_readv(pid, lf, len(local), rf, len(remote)),
+        lib.uf_process_vm_readv(pid, _flat(local), len(local), _flat(remote), len(remote)),
         "process_vm_readv",
         f"pid {pid}",
     )

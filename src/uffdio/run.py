@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from ._errors import UffdProcessGone
 from .agent import library_path
@@ -213,18 +214,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
+def _serve_in_background(tg: anyio.abc.TaskGroup, m: Manager, every: float) -> None:
+    """`serve` and `attach`: churn if asked, and end the task group on SIGTERM/SIGINT."""
+    if every > 0:
+        tg.start_soon(churn, m, every)
+
+    async def stop_on_signal() -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                tg.cancel_scope.cancel()
+
+    tg.start_soon(stop_on_signal)
+
+
 async def _serve(args: argparse.Namespace) -> dict[str, Any]:
     async with Manager(args.socket) as m:
         async with anyio.create_task_group() as tg:
-            if args.churn > 0:
-                tg.start_soon(churn, m, args.churn)
-
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_on_signal)
+            _serve_in_background(tg, m, args.churn)
             if args.exit_when_idle:
                 while not m.history or m.processes:  # noqa: ASYNC110 - polls two conditions
                     await anyio.sleep(0.05)
@@ -242,15 +248,7 @@ async def _attach(args: argparse.Namespace) -> dict[str, Any]:
     async with Manager() as m:
         proc = await m.attach(args.pid)
         async with anyio.create_task_group() as tg:
-            if args.churn > 0:
-                tg.start_soon(churn, m, args.churn)
-
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
-                    async for _ in sigs:
-                        tg.cancel_scope.cancel()
-
-            tg.start_soon(stop_on_signal)
+            _serve_in_background(tg, m, args.churn)
             deadline = time.monotonic() + args.duration if args.duration > 0 else None
             while proc.managed and (deadline is None or time.monotonic() < deadline):  # noqa: ASYNC110 - polls two conditions
                 await anyio.sleep(0.05)
