@@ -131,7 +131,14 @@ static void *raw_mmap(void *addr, size_t len, int prot, int flags, int fd, off_t
 
 static int uffd_register(int fd, uint64_t start, uint64_t len)
 {
-	struct uffdio_register r = { .range = { start, len }, .mode = UFFDIO_REGISTER_MODE_MISSING };
+	/* MISSING for eviction, WP so that pages brought back unmodified can be evicted
+	 * again without a copy (the manager write-protects them and learns of the first
+	 * write); kernels without anonymous WP get MISSING alone */
+	struct uffdio_register r = { .range = { start, len },
+				     .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP };
+	if (ioctl(fd, UFFDIO_REGISTER, &r) == 0)
+		return 0;
+	r.mode = UFFDIO_REGISTER_MODE_MISSING;
 	return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;
 }
 

@@ -62,10 +62,10 @@ ffibuilder.cdef(_cdef())
 ffibuilder.set_source(
     "uffdio._native",
     '#include "uffdio.h"',
-    sources=[f"csrc/{n}" for n in ("ops.c", "engine.c", "floor.c", "target.c", "inject.c")],
+    sources=[f"csrc/{n}" for n in ("ops.c", "engine.c", "floor.c", "target.c", "inject.c", "swap.c")],
     include_dirs=["csrc"],
     extra_compile_args=["-O2", "-Wall", "-Wno-unused-parameter", "-std=gnu11", *cflags, *extra],
-    extra_link_args=[*libs, "-lpthread", *extra],
+    extra_link_args=[*libs, "-llz4", "-lpthread", *extra],
 )
 
 if __name__ == "__main__":

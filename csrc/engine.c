@@ -63,6 +63,7 @@
 
 #include "compat.h"
 #include "uffdio.h"
+#include "swap.h"
 
 #define UF_PAGE 4096ULL
 
@@ -118,11 +119,15 @@ struct uf_engine {
 	struct rule *rules;
 	size_t nrules, caprules;
 	uint64_t epoch;
+	/* userspace swap: the page table faults outside every rule are decided by */
+	uf_pt *pt;
+	void *swbuf; /* staging for a swap-in and its read-ahead */
 	/* rules as they were at each FORK message, until the child's engine adopts them */
 	struct forksnap {
 		int fd;
 		struct rule *rules;
 		size_t n;
+		uf_pt *pt;
 	} *forks;
 	size_t nforks;
 
@@ -489,6 +494,16 @@ int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd)
 		}
 	}
 	pthread_mutex_unlock(&src->rules_lock);
+	if (found && snap.pt) {
+		pthread_mutex_lock(&dst->rules_lock);
+		if (dst->pt)
+			uf_pt_unref(dst->pt);
+		dst->pt = snap.pt; /* the reference taken by the clone */
+		uf_pt_bind(dst->pt, dst->uffd, dst->kick_fd);
+		if (!dst->swbuf && posix_memalign(&dst->swbuf, UF_PAGE, (UF_RA_MAX + 1) * UF_PAGE))
+			dst->swbuf = NULL;
+		pthread_mutex_unlock(&dst->rules_lock);
+	}
 	if (!found)
 		return uf_rules_copy(dst, src) < 0 ? -ENOMEM : 0;
 	pthread_mutex_lock(&dst->rules_lock);
@@ -537,6 +552,8 @@ int uf_rules_copy(uf_engine *dst, uf_engine *src)
 /* Apply a non-cooperative event to the rules.  Called in message order. */
 static void rules_event(uf_engine *e, const struct uf_msg *m)
 {
+	if (e->pt)
+		uf_pt_event(e->pt, m);
 	pthread_mutex_lock(&e->rules_lock);
 	switch (m->event) {
 	case UFFD_EVENT_FORK: { /* a = the child's uffd: snapshot the rules as of the fork */
@@ -546,6 +563,7 @@ static void rules_event(uf_engine *e, const struct uf_msg *m)
 			nf[e->nforks].fd = (int)(uint32_t)m->a;
 			nf[e->nforks].n = e->nrules;
 			nf[e->nforks].rules = malloc((e->nrules ? e->nrules : 1) * sizeof(struct rule));
+			nf[e->nforks].pt = e->pt ? uf_pt_clone(e->pt) : NULL;
 			if (nf[e->nforks].rules) {
 				if (e->nrules) /* memcpy from NULL is undefined even for 0 bytes */
 					memcpy(nf[e->nforks].rules, e->rules, e->nrules * sizeof(struct rule));
@@ -777,17 +795,64 @@ static void fill_outcome(uf_engine *e, const struct uf_msg *m, uint64_t addr, in
 	forward(e, m);
 }
 
+static void swap_fault(uf_engine *e, const struct uf_msg *m)
+{
+	int what = 0, rc;
+
+	if (!e->swbuf) {
+		forward(e, m);
+		return;
+	}
+	rc = uf_swap_fault(e->pt, (struct uf_msg *)m, e->swbuf, &what);
+
+	switch (rc) {
+	case SWAP_DONE:
+		STAT_ADD(resolved, 1);
+		return;
+	case SWAP_PARK:
+		msg_push(e, &e->held, &e->nheld, &e->capheld, m);
+		__atomic_store_n(&e->st.held_now, e->nheld, __ATOMIC_RELAXED);
+		return;
+	case SWAP_DEFER:
+		STAT_ADD(eagain, 1);
+		defer(e, m);
+		return;
+	case SWAP_PASS:
+		forward(e, m);
+		return;
+	}
+	report(e, rc, m->b, what);
+	if (what == UF_FAIL_STORE) {
+		/* the store could not give the page back: the thread keeps waiting (it must not
+		 * see zeros) and the read is tried again after the retry timer */
+		defer(e, m);
+		return;
+	}
+	forward(e, m);
+}
+
 static void handle_fault(uf_engine *e, const struct uf_msg *m)
 {
 	uint64_t addr = m->b & ~(UF_PAGE - 1), len, done = 0, epoch;
 	struct rule r;
 	int rc;
 
-	if (m->a & (UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_MINOR)) {
+	if (m->a & UFFD_PAGEFAULT_FLAG_MINOR) {
 		forward(e, m);
 		return;
 	}
+	if (m->a & UFFD_PAGEFAULT_FLAG_WP) {
+		if (e->pt)
+			swap_fault(e, m);
+		else
+			forward(e, m);
+		return;
+	}
 	if (!lookup(e, addr, &r, &epoch)) {
+		if (e->pt) {
+			swap_fault(e, m);
+			return;
+		}
 		if (e->flags & UF_ENGINE_DEFAULT_ZERO) { /* never-evicted memory: first touch */
 			rc = zeropage_counted(e, addr, UF_PAGE, &done);
 			fill_outcome(e, m, addr, rc, done);
@@ -905,6 +970,7 @@ static void handle_msgs(uf_engine *e, const struct uf_msg *msgs, size_t n)
 		const struct uf_msg *m = &msgs[i];
 		if (m->event == UFFD_EVENT_PAGEFAULT) {
 			STAT_ADD(faults, 1);
+			uf_swap_stamp((struct uf_msg *)m);
 			handle_fault(e, m);
 		} else {
 			STAT_ADD(events, 1);
@@ -1241,8 +1307,12 @@ void uf_engine_free(uf_engine *e)
 	free(e->rdbuf);
 	for (i = 0; i < NSLOTS; i++)
 		free(e->slots[i].buf);
-	for (i = 0; i < (int)e->nforks; i++)
+	for (i = 0; i < (int)e->nforks; i++) {
 		free(e->forks[i].rules);
+		uf_pt_unref(e->forks[i].pt);
+	}
+	uf_pt_unref(e->pt);
+	free(e->swbuf);
 	free(e->forks);
 	free(e->rules);
 	free(e->deferred);
@@ -1257,4 +1327,45 @@ void uf_engine_free(uf_engine *e)
 	pthread_mutex_destroy(&e->rules_lock);
 	pthread_mutex_destroy(&e->q_lock);
 	free(e);
+}
+
+/* ---- userspace swap ------------------------------------------------------------------ */
+
+int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget)
+{
+	void *b = NULL;
+
+	if (pt && !e->swbuf && posix_memalign(&b, UF_PAGE, (UF_RA_MAX + 1) * UF_PAGE))
+		return -ENOMEM;
+	pthread_mutex_lock(&e->rules_lock);
+	if (b)
+		e->swbuf = b;
+	if (pt) {
+		uf_pt_ref(pt);
+		uf_pt_attach(pt, e->uffd, e->kick_fd, wp, budget);
+	}
+	if (e->pt)
+		uf_pt_unref(e->pt);
+	e->pt = pt;
+	pthread_mutex_unlock(&e->rules_lock);
+	return 0;
+}
+
+uf_pt *uf_engine_pt(uf_engine *e)
+{
+	uf_pt *pt;
+
+	pthread_mutex_lock(&e->rules_lock);
+	pt = e->pt ? uf_pt_ref(e->pt) : NULL;
+	pthread_mutex_unlock(&e->rules_lock);
+	return pt;
+}
+
+void uf_engine_kick(uf_engine *e)
+{
+	uint64_t one = 1;
+
+	if (write(e->kick_fd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: a kick is pending already */
+	}
 }

@@ -97,7 +97,8 @@ enum {
 enum {
 	UF_FAIL_READ = 1,   /* reading the uffd failed; the engine stopped reading */
 	UF_FAIL_RESOLVE = 2,/* a resolver copy/zeropage failed; the fault was NOT resolved */
-	UF_FAIL_FILE = 3    /* a snapshot-file read failed; the fault was NOT resolved */
+	UF_FAIL_FILE = 3,   /* a snapshot-file read failed; the fault was NOT resolved */
+	UF_FAIL_STORE = 4   /* a swap store read failed; the fault waits and is retried */
 };
 
 struct uf_engine_stats {
@@ -127,6 +128,72 @@ size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len);
 int uf_rules_copy(uf_engine *dst, uf_engine *src);
 int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd);
 size_t uf_rules_count(uf_engine *e);
+
+/* ---- userspace swap (swap.c): stores, page tables, eviction commit ---------------
+ * Page states (uf_pt_state): */
+enum { UF_PG_NONE = 0, UF_PG_CLEAN = 1, UF_PG_TRANSIT = 2, UF_PG_EVICTED = 3, UF_PG_ZERO = 4 };
+enum { UF_STORE_MEMORY = 1, UF_STORE_FILE = 2 };
+enum { UF_LAT_BUCKETS = 64, UF_RA_MAX = 32 };
+typedef struct uf_store uf_store;
+typedef struct uf_pt uf_pt;
+typedef struct uf_budget uf_budget;
+
+struct uf_store_stats {
+	uint64_t slots_used, slots_cap, bytes_stored, bytes_in, puts, gets, get_errors, put_errors,
+		discards, meta_bytes;
+};
+struct uf_pt_stats {
+	uint64_t swapins, readahead, first_touch, wp_faults, dirtied, pages_out, pages_out_clean,
+		pages_out_zero, put_failures, store_errors;
+	uint64_t pages_clean, pages_transit, pages_evicted, pages_zero, table_bytes, epoch,
+		readahead_window;
+	uint64_t lat_hist[64]; /* bucket b: [2^p (1 + f/4) - 1, ...) us with p = b / 4, f = b % 4 */
+};
+struct uf_commit {
+	uint64_t evicted, stored, clean, zero, holes, kept, dropped, failed, returned;
+	int put_error;  /* -errno of the store when some pages could not be stored */
+	int lost_errno; /* -errno of a copy back that failed (the page was unmapped meanwhile) */
+};
+
+uf_store *uf_store_memory(int accel, int *err);
+uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err);
+void uf_store_free(uf_store *s);
+void uf_store_get_stats(uf_store *s, struct uf_store_stats *out);
+int64_t uf_store_put(uf_store *s, const void *pages, size_t n, uint64_t *handles_out);
+int uf_store_get(uf_store *s, uint64_t handle, void *out);
+void uf_store_unref(uf_store *s, uint64_t handle);
+
+uf_budget *uf_budget_new(int64_t limit_pages, int notify_fd);
+void uf_budget_free(uf_budget *b);
+void uf_budget_set(uf_budget *b, int64_t limit_pages, int64_t resident_pages);
+int64_t uf_budget_resident(uf_budget *b);
+uint64_t uf_budget_parked(uf_budget *b);
+
+uf_pt *uf_pt_new(uf_store *store, int *err);
+uf_pt *uf_pt_ref(uf_pt *pt);
+void uf_pt_unref(uf_pt *pt);
+uf_pt *uf_pt_clone(uf_pt *pt);
+void uf_pt_attach(uf_pt *pt, int uffd, int kick_fd, int wp, uf_budget *budget);
+void uf_pt_tick(uf_pt *pt);
+void uf_pt_get_stats(uf_pt *pt, struct uf_pt_stats *out);
+int uf_pt_state(uf_pt *pt, uint64_t addr, uint64_t *slot_out);
+int64_t uf_pt_begin(uf_pt *pt, const uint64_t *ranges, size_t nranges, uint64_t max_pages,
+		    uint64_t *runs_out, size_t max_runs);
+int64_t uf_pt_need_read(uf_pt *pt, const uint64_t *present, size_t npresent, uint64_t *out, size_t max_out);
+int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
+		 uint64_t buf, struct uf_commit *res);
+int64_t uf_pt_victims(uf_pt *pt, const uint64_t *present, size_t npresent, uint64_t want, uint64_t *out,
+		      size_t max_out);
+int64_t uf_pt_fill_all(uf_pt *pt);
+int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t max);
+int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,
+		  size_t nmoved, uint64_t buf, struct uf_commit *res, uint64_t *scratch_used);
+int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nregions, uint64_t want,
+		   uint64_t *out, size_t max_out, int64_t *nout);
+/* the engine serves faults from a page table (NULL: none); it holds a reference */
+int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget);
+uf_pt *uf_engine_pt(uf_engine *e);
+void uf_engine_kick(uf_engine *e);
 
 /* ---- ptrace: system calls run inside a process that did not cooperate (inject.c) ---- */
 struct uf_syscall {

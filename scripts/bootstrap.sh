@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up everything uffdio needs on a Debian/Ubuntu machine: system packages (liburing-dev,
+# Set up everything uffdio needs on a Debian/Ubuntu machine: system packages (liburing-dev, liblz4-dev,
 # pkg-config, a C compiler, python3-venv, sqlite3 for the program tests) when missing, then a
 # virtual environment in .venv with uffdio installed (editable) and its test dependencies.
 # Safe to run again: it only does what is missing.
@@ -10,6 +10,7 @@ VENV=${VENV:-.venv}
 
 need=()
 pkg-config --exists liburing 2>/dev/null || [ -f /usr/include/liburing.h ] || need+=(liburing-dev)
+[ -f /usr/include/lz4.h ] || need+=(liblz4-dev)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v gcc >/dev/null || need+=(gcc)
 command -v sqlite3 >/dev/null || need+=(sqlite3)

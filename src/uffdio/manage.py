@@ -48,7 +48,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -70,6 +70,9 @@ from ._uffd import Userfaultfd, _sole
 if sys.version_info < (3, 11):  # pragma: no cover
     from exceptiongroup import BaseExceptionGroup
 from .agent import library_path
+
+if TYPE_CHECKING:
+    from .swap import Swap
 
 log = logging.getLogger("uffdio")
 
@@ -227,7 +230,11 @@ class ManagedProcess:
         box: list[P.Msg] = []
         self._replies[seq] = (ev, box)
         try:
-            await P.send(self._sock, P.pack(type, 0, seq, a, 0, 0, list(words)), fd)
+            await P.send(
+                self._sock,
+                P.pack(type, 0, seq, a, 0, 0, words if isinstance(words, array.array) else list(words)),
+                fd,
+            )
             with anyio.fail_after(timeout):
                 await ev.wait()
         except (BrokenPipeError, ConnectionError):
@@ -319,6 +326,14 @@ class ManagedProcess:
         (shared after fork, pinned) stay resident.  Needs UFFDIO_MOVE (Linux 6.8)."""
         if self.uffd is None or self.exited:
             raise UffdProcessGone(errno.ESRCH, "evict", f"pid {self.pid} is not managed")
+        sw = self.manager.swap
+        if sw is not None and self.pid in sw.procs:
+            # userspace swap: the page table and its store (uffdio.swap)
+            if ranges is None:
+                await self.scan()
+                return await sw.evict(self, 1 << 62)
+            runs = await anyio.to_thread.run_sync(self.present_ranges, _normalize(list(ranges)))
+            return await sw.evict(self, 1 << 62, victims=runs)
         if not self.features & Feature.MOVE:
             raise UffdUnsupportedError(
                 errno.EOPNOTSUPP,
@@ -430,6 +445,14 @@ class ManagedProcess:
             return 0
         e = self.uffd._engine_handle()
         deadline = time.monotonic() + 30
+        sw = self.manager.swap.procs.get(self.pid) if self.manager.swap is not None else None
+        if sw is not None:
+            while True:
+                rc = await anyio.to_thread.run_sync(lib.uf_pt_fill_all, sw.pt)
+                if rc != -errno.EAGAIN or time.monotonic() > deadline:
+                    break
+                await anyio.sleep(0.001)
+            check(rc, "swap in", f"pid {self.pid}")
         while True:
             rc = await anyio.to_thread.run_sync(lib.uf_rules_fill_all, e)
             if rc != -errno.EAGAIN or time.monotonic() > deadline:
@@ -672,6 +695,7 @@ class Manager:
         *,
         allow_other_users: bool | None = None,
         scan_interval: float = 1.0,
+        swap: Swap | None = None,
     ) -> None:
         self._own_dir: str | None = None
         if socket_path is None:
@@ -685,6 +709,9 @@ class Manager:
         #: seconds between scans that register mappings the program made without the
         #: interposed mmap (glibc's malloc arenas, thread stacks, brk growth); 0: never
         self.scan_interval = scan_interval
+        #: userspace swap (page tables, a store, a policy) for every process; None: the
+        #: plain eviction store of ManagedProcess.evict
+        self.swap = swap
         self.processes: dict[int, ManagedProcess] = {}
         #: every process seen, exited ones included (for statistics)
         self.history: list[ManagedProcess] = []
@@ -747,6 +774,9 @@ class Manager:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._accept_loop)
+        if self.swap is not None:
+            self.swap.manager = self
+            self._tg.start_soon(self.swap.run)
         return self
 
     async def __aexit__(self, *exc: object) -> bool | None:
@@ -1028,6 +1058,8 @@ class Manager:
             pidfd = os.pidfd_open(proc.pid)
         try:
             async with anyio.create_task_group() as tg:
+                if self.swap is not None:
+                    self.swap.attach(proc)
                 if proc._scope is None:  # not already served (a fork child is)
                     proc._scope = anyio.CancelScope()
                     await tg.start(self._serve_uffd, proc.uffd, proc._scope)
@@ -1102,6 +1134,8 @@ class Manager:
         if proc._scope is not None:
             proc._scope.cancel()
         proc.exited = True
+        if self.swap is not None:
+            self.swap.detach(proc)
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
 

@@ -40,6 +40,24 @@ def add_parser(sub: Any) -> None:
         ),
     )
     p.add_argument("--socket", metavar="PATH", help="agent socket (default: a private temp path)")
+    p.add_argument(
+        "--limit",
+        metavar="SIZE",
+        help="keep CMD's resident managed memory (with its children) under SIZE (e.g. 32M, 1G);"
+        " cold pages go to the store",
+    )
+    p.add_argument(
+        "--store",
+        metavar="SPEC",
+        help="where evicted pages go: memory (LZ4 in this process, the default), memory:ACCEL,"
+        " file:PATH or file:PATH,max=SIZE (a swap file, removed at exit)",
+    )
+    p.add_argument(
+        "--policy",
+        metavar="NAME",
+        help="limit (default: evict the least recently faulted pages above --limit), pressure"
+        " (senpai-like: shrink the limit while uffdio's own fault stall time stays low), none",
+    )
     p.add_argument("--stats-json", metavar="PATH", help="write final statistics as JSON")
     p.add_argument(
         "--churn",
@@ -173,25 +191,83 @@ async def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     if not cmd:
         raise SystemExit("uffdio run: no command given (uffdio run [options] -- CMD [ARGS...])")
     t0 = time.monotonic()
-    async with Manager(args.socket) as m:
-        prog = m.spawn(cmd)
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(forward_signals, prog)
-            if args.churn > 0:
-                tg.start_soon(churn, m, args.churn)
-            code = await prog.wait()
-            tg.cancel_scope.cancel()
-        summary = _summary(
-            m,
-            {
-                "command": cmd,
-                "exit_code": code,
-                "wall_s": round(time.monotonic() - t0, 3),
-                # the kernel's own account: ru_maxrss of CMD (and descendants it waited for)
-                "peak_resident_bytes": int(prog.rusage.ru_maxrss) * 1024 if prog.rusage else None,
-            },
-        )
+    sw = _make_swap(args)
+    try:
+        async with Manager(args.socket, swap=sw) as m:
+            prog = m.spawn(cmd)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(forward_signals, prog)
+                if args.churn > 0:
+                    tg.start_soon(churn, m, args.churn)
+                if sw is not None and not args.quiet and sys.stderr.isatty():
+                    tg.start_soon(_status_line, sw)
+                code = await prog.wait()
+                final = sw.last_resident if sw is not None else None
+                tg.cancel_scope.cancel()
+            if sw is not None and not args.quiet and sys.stderr.isatty():
+                sys.stderr.write("\r\x1b[K")
+            summary = _summary(
+                m,
+                {
+                    "command": cmd,
+                    "exit_code": code,
+                    "wall_s": round(time.monotonic() - t0, 3),
+                    # the kernel's own account: ru_maxrss of CMD (and descendants it waited
+                    # for), all of its memory, managed or not
+                    "peak_rss_bytes": int(prog.rusage.ru_maxrss) * 1024 if prog.rusage else None,
+                    "peak_resident_bytes": int(prog.rusage.ru_maxrss) * 1024 if prog.rusage else None,
+                },
+            )
+            if sw is not None:
+                summary.update(sw.statistics())
+                summary["final_resident_bytes"] = final
+                summary["managed_memory_note"] = (
+                    "resident_bytes, peak_resident_bytes and final_resident_bytes count the "
+                    "managed (registered) memory of CMD and its children, from the kernel's "
+                    "page map; peak_rss_bytes is the kernel's ru_maxrss of everything"
+                )
+    finally:
+        if sw is not None:
+            sw.close()
     return code, summary
+
+
+def _make_swap(args: argparse.Namespace) -> Any:
+    if args.limit is None and args.store is None and args.policy is None:
+        return None
+    from .swap import Swap, parse_size
+
+    try:
+        limit = parse_size(args.limit) if args.limit is not None else None
+        if limit is not None and limit < (1 << 20):
+            raise ValueError(f"--limit {args.limit}: at least 1M")
+        return Swap(store=args.store or "memory", limit=limit, policy=args.policy)
+    except ValueError as exc:
+        raise SystemExit(f"uffdio run: {exc}") from None
+
+
+def _mib(n: int | None) -> str:
+    return "-" if n is None else f"{n / (1 << 20):.1f}M"
+
+
+async def _status_line(sw: Any) -> None:
+    """One line on the terminal, rewritten twice a second."""
+    last_t, last_f = time.monotonic(), 0
+    while True:
+        await anyio.sleep(0.5)
+        st = sw.statistics()
+        now = time.monotonic()
+        f = st["pages_swapped_in"]
+        rate = (f - last_f) / max(1e-3, now - last_t)
+        last_t, last_f = now, f
+        ratio = st["compression_ratio"]
+        sys.stderr.write(
+            f"\r\x1b[Kuffdio: resident {_mib(st['resident_bytes'])}"
+            f" / limit {_mib(st['limit_bytes'])}, evicted {st['pages_in_store'] * 4096 >> 20}M,"
+            f" {rate:.0f} swap-ins/s, store {_mib(st['store_bytes'])}"
+            + (f" (x{ratio})" if ratio else "")
+        )
+        sys.stderr.flush()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -204,6 +280,17 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"peak RSS {(summary['peak_resident_bytes'] or 0) >> 20} MiB",
             file=sys.stderr,
         )
+        if "limit_bytes" in summary:
+            lat = summary["fault_latency_us"]
+            print(
+                f"uffdio: limit {_mib(summary['limit_bytes'])}, managed resident peak "
+                f"{_mib(summary['peak_resident_bytes'])}; {summary['pages_evicted']} pages "
+                f"evicted, {summary['pages_swapped_in']} swapped in (p50 {lat['p50']} us, p99 "
+                f"{lat['p99']} us); store {summary['store']} {_mib(summary['store_bytes'])}",
+                file=sys.stderr,
+            )
+            for e in summary["errors"]:
+                print(f"uffdio: {e}", file=sys.stderr)
         for u in summary["unmanaged"]:
             print(f"uffdio: pid {u['pid']} was not managed: {u['reason']}", file=sys.stderr)
     if code < 0:  # killed by a signal: die the same way, so the shell sees it

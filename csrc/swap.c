@@ -1,0 +1,1698 @@
+/*
+ * swap.c - userspace swap: page stores, the per-process page table, the eviction
+ * commit and the fault-side decisions the engine takes without Python.
+ *
+ * Page state lives here, in C, at 8 bytes per page (one uint64_t entry):
+ *
+ *     bits  0..31  store slot (0: none)
+ *     bits 32..35  state: NONE, CLEAN, TRANSIT, EVICTED, ZERO
+ *     bit  36      DROPPED: the application discarded or unmapped the page while it
+ *                  was in transit - its data must not come back
+ *     bits 48..63  stamp: the table's epoch when the page last came in (recency)
+ *
+ *   NONE     resident or never touched; the manager keeps no copy
+ *   CLEAN    resident, write-protected, and the store holds an identical copy
+ *   TRANSIT  chosen for eviction; faults (MISSING and WP) on it wait until commit
+ *   EVICTED  not resident; the data is in the store at `slot`
+ *   ZERO     not resident; the data was all zeros (nothing stored)
+ *
+ * The table is a hash of 4 KiB leaves, each covering 2 MiB of the target's address
+ * space: a dense region costs 8 bytes per page, a sparse one at most one leaf per
+ * touched 2 MiB.  The memory store's slot table adds 8 bytes per stored page (a
+ * pointer; length and reference count sit in the blob's 4-byte header), the file
+ * store's 2 bytes (a reference count).
+ *
+ * Why the target never reads a stale or zeroed page (the invariants):
+ *  1. A page leaves the target only by UFFDIO_MOVE into the agent's scratch area,
+ *     and only while its entry is TRANSIT.  Every fault on a TRANSIT entry - a read
+ *     of the moved-out page (MISSING) or a write to the still-present page (WP) - is
+ *     parked by the engine until uf_pt_commit has decided the page.
+ *  2. uf_pt_commit marks a page EVICTED only after its bytes are in the store (or
+ *     ZERO after checking every byte); a put that fails installs the bytes back with
+ *     UFFDIO_COPY before the entry becomes NONE.  Pages the kernel did not move go
+ *     back to their previous state untouched.
+ *  3. A MISSING fault on EVICTED reads the store and installs with UFFDIO_COPY; the
+ *     entry changes only after the copy succeeded.  Read faults install
+ *     write-protected and keep the slot (CLEAN): the first write takes a WP fault
+ *     that drops the slot (NONE) before the write is let through, so a CLEAN page
+ *     is always identical to its slot and can be evicted again without reading it.
+ *  4. Events are applied in message order: REMOVE/UNMAP drop entries (the data must
+ *     not come back; a TRANSIT page is marked DROPPED), REMAP moves entries with the
+ *     pages and is logged so a batch in flight finds its pages at their new address.
+ *     A fork copies the table (slot references counted); a child forked while a
+ *     batch is in flight receives the batch's outcome too.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/ioctl.h>
+#include <sys/stat.h>
+
+#include <liburing.h>
+#include <lz4.h>
+
+#include "compat.h"
+#include "uffdio.h"
+#include "swap.h"
+
+#define PG 4096ULL
+#define LEAF_SHIFT 9
+#define LEAF_N (1u << LEAF_SHIFT)
+
+/* An entry: bits 0-2 state, bit 3 DROPPED, bits 4-47 the store's handle (a 16-byte
+ * aligned blob pointer for the memory store, slot << 4 for the file store), bits 48-63
+ * the stamp. */
+#define E_SLOT(x) ((x) & 0x0000FFFFFFFFFFF0ULL)
+#define E_STATE(x) ((int)((x) & 7))
+#define E_DROPPED (1ULL << 3)
+#define E_STAMP(x) ((uint16_t)((x) >> 48))
+#define E_MAKE(h, state, stamp) (((h) & 0x0000FFFFFFFFFFF0ULL) | (uint64_t)(state) | ((uint64_t)(uint16_t)(stamp) << 48))
+
+/* ======================================================================== stores */
+
+/* Handles: 0 = none.  Memory store: a malloc'd blob (glibc aligns to 16) whose 4-byte
+ * header is uint16 compressed length (0: stored raw) and uint16 reference count; no
+ * index beyond the page table entry.  File store: slot number << 4; the slot's
+ * reference count is the only index (2 bytes per slot of the file); a free slot is
+ * found by a rotating cursor over the counts. */
+struct uf_store {
+	int kind, users; /* users: the creator and every page table */
+	pthread_mutex_t lock;
+	int accel;
+	/* file */
+	uint16_t *refs;
+	uint64_t nslots, capslots, cursor, max_slots;
+	int fd, direct, ring_ok;
+	struct io_uring ring;
+	void *bounce;
+	struct uf_store_stats st;
+};
+
+static void st_lock(uf_store *s) { pthread_mutex_lock(&s->lock); }
+static void st_unlock(uf_store *s) { pthread_mutex_unlock(&s->lock); }
+
+uf_store *uf_store_memory(int accel, int *err)
+{
+	uf_store *s = calloc(1, sizeof(*s));
+
+	if (!s) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	s->kind = UF_STORE_MEMORY;
+	s->users = 1;
+	s->accel = accel > 0 ? accel : 1;
+	s->fd = -1;
+	pthread_mutex_init(&s->lock, NULL);
+	*err = 0;
+	return s;
+}
+
+/* The store takes ownership of fd (closed when the last page table lets go). */
+uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err)
+{
+	uf_store *s = calloc(1, sizeof(*s));
+	int fl, r;
+
+	if (!s) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	s->kind = UF_STORE_FILE;
+	s->users = 1;
+	s->fd = fd;
+	s->max_slots = max_bytes ? max_bytes / PG : (1ULL << 40);
+	fl = fcntl(fd, F_GETFL);
+	s->direct = fl >= 0 && (fl & O_DIRECT);
+	if (posix_memalign(&s->bounce, PG, PG)) {
+		free(s);
+		*err = -ENOMEM;
+		return NULL;
+	}
+	r = io_uring_queue_init(64, &s->ring, 0);
+	if (r < 0) {
+		free(s->bounce);
+		free(s);
+		*err = r;
+		return NULL;
+	}
+	s->ring_ok = 1;
+	pthread_mutex_init(&s->lock, NULL);
+	*err = 0;
+	return s;
+}
+
+/* Blobs still referenced when the store is freed belong to page tables that were
+ * freed first (they drop their references), so nothing is left here but the file. */
+void uf_store_free(uf_store *s)
+{
+	if (!s || __atomic_sub_fetch(&s->users, 1, __ATOMIC_ACQ_REL) > 0)
+		return;
+	free(s->refs);
+	free(s->bounce);
+	if (s->ring_ok)
+		io_uring_queue_exit(&s->ring);
+	if (s->fd >= 0)
+		close(s->fd); /* the store owns the swap file's descriptor */
+	pthread_mutex_destroy(&s->lock);
+	free(s);
+}
+
+void uf_store_get_stats(uf_store *s, struct uf_store_stats *out)
+{
+	st_lock(s);
+	*out = s->st;
+	out->slots_cap = s->capslots;
+	out->meta_bytes = s->capslots * sizeof(uint16_t);
+	st_unlock(s);
+}
+
+/* A free file slot (lock held), or 0 when the file is at its size limit. */
+static uint64_t file_slot_alloc(uf_store *s)
+{
+	uint64_t i;
+
+	if (s->st.slots_used < s->nslots) { /* a freed slot exists: the cursor finds it */
+		for (i = 0; i < s->nslots; i++) {
+			uint64_t k = (s->cursor + i) % s->nslots;
+			if (!s->refs[k]) {
+				s->cursor = k + 1;
+				return k + 1;
+			}
+		}
+	}
+	if (s->nslots >= s->max_slots)
+		return 0;
+	if (s->nslots >= s->capslots) {
+		uint64_t nc = s->capslots ? s->capslots + s->capslots / 4 + 1024 : 4096;
+		uint16_t *nr = realloc(s->refs, nc * sizeof(*nr));
+		if (!nr)
+			return 0;
+		memset(nr + s->capslots, 0, (nc - s->capslots) * sizeof(*nr));
+		s->refs = nr;
+		s->capslots = nc;
+	}
+	return ++s->nslots; /* slot k is refs[k - 1], file offset (k - 1) * 4096 */
+}
+
+static uint16_t *mem_hdr(uint64_t h) { return (uint16_t *)(uintptr_t)h; }
+
+/* Drop one reference to a handle (lock held). */
+static void slot_put_ref(uf_store *s, uint64_t h)
+{
+	if (!h)
+		return;
+	if (s->kind == UF_STORE_MEMORY) {
+		uint16_t *hd = mem_hdr(h);
+		if (--hd[1] == 0) {
+			uint32_t len = hd[0] ? hd[0] : PG;
+			s->st.bytes_stored -= len + 4;
+			s->st.slots_used--;
+			s->st.discards++;
+			free(hd);
+		}
+	} else {
+		uint64_t k = h >> 4;
+		if (k && k <= s->nslots && s->refs[k - 1] && --s->refs[k - 1] == 0) {
+			s->st.bytes_stored -= PG;
+			s->st.slots_used--;
+			s->st.discards++;
+		}
+	}
+}
+
+static void slot_get_ref(uf_store *s, uint64_t h)
+{
+	if (!h)
+		return;
+	if (s->kind == UF_STORE_MEMORY)
+		mem_hdr(h)[1]++;
+	else if ((h >> 4) && (h >> 4) <= s->nslots)
+		s->refs[(h >> 4) - 1]++;
+}
+
+void uf_store_unref(uf_store *s, uint64_t h)
+{
+	st_lock(s);
+	slot_put_ref(s, h);
+	st_unlock(s);
+}
+
+/* Store n pages from `pages` (contiguous, n * 4096 bytes); handles_out[i] gets each
+ * page's handle (one reference).  Returns the number stored (a prefix), or -errno when
+ * none was.  The file store writes the batch through its ring. */
+int64_t uf_store_put(uf_store *s, const void *pages, size_t n, uint64_t *handles_out)
+{
+	const unsigned char *p = pages;
+	size_t i, k;
+	int64_t err = 0;
+
+	st_lock(s);
+	if (s->kind == UF_STORE_MEMORY) {
+		char tmp[LZ4_COMPRESSBOUND(4096)];
+		for (i = 0; i < n; i++) {
+			int c = LZ4_compress_fast((const char *)p + i * PG, tmp, (int)PG, (int)sizeof(tmp), s->accel);
+			uint32_t len = (c > 0 && c < (int)PG - 64) ? (uint32_t)c : (uint32_t)PG;
+			unsigned char *b = malloc(len + 4);
+			if (!b || ((uintptr_t)b & 15) || (uintptr_t)b >> 48) {
+				free(b);
+				err = -ENOMEM;
+				break;
+			}
+			mem_hdr((uintptr_t)b)[0] = len == PG ? 0 : (uint16_t)len;
+			mem_hdr((uintptr_t)b)[1] = 1;
+			memcpy(b + 4, len == PG ? (const char *)p + i * PG : tmp, len);
+			handles_out[i] = (uint64_t)(uintptr_t)b;
+			s->st.bytes_stored += len + 4;
+			s->st.slots_used++;
+		}
+	} else {
+		for (i = 0; i < n; i++) {
+			uint64_t k2 = file_slot_alloc(s);
+			if (!k2) {
+				err = -ENOSPC;
+				break;
+			}
+			s->refs[k2 - 1] = 1; /* reserved while written */
+			s->st.slots_used++;
+			handles_out[i] = k2 << 4;
+		}
+		n = i;
+		for (k = 0; k < n;) {
+			size_t m = n - k > 64 ? 64 : n - k, j;
+			struct io_uring_cqe *cqe;
+			int bad = 0;
+			for (j = 0; j < m; j++) {
+				struct io_uring_sqe *sqe = io_uring_get_sqe(&s->ring);
+				io_uring_prep_write(sqe, s->fd, p + (k + j) * PG, (unsigned)PG,
+						    ((handles_out[k + j] >> 4) - 1) * PG);
+				io_uring_sqe_set_data64(sqe, j);
+			}
+			io_uring_submit(&s->ring);
+			for (j = 0; j < m; j++) {
+				if (io_uring_wait_cqe(&s->ring, &cqe) < 0) {
+					bad = -EIO;
+					continue;
+				}
+				if (cqe->res != (int)PG && !bad)
+					bad = cqe->res < 0 ? cqe->res : -ENOSPC; /* short write: full */
+				io_uring_cqe_seen(&s->ring, cqe);
+			}
+			if (bad) {
+				/* which write of the chunk failed is not worth tracking: none counts */
+				err = bad;
+				break;
+			}
+			k += m;
+		}
+		for (i = k; i < n; i++) { /* give back what was not written */
+			s->refs[(handles_out[i] >> 4) - 1] = 0;
+			s->st.slots_used--;
+		}
+		s->st.bytes_stored += k * PG;
+		i = k;
+	}
+	s->st.puts += i;
+	s->st.bytes_in += i * PG;
+	if (err)
+		s->st.put_errors++;
+	st_unlock(s);
+	return i ? (int64_t)i : (err ? err : 0);
+}
+
+/* Read the page of handle h into out (4096 bytes). */
+int uf_store_get(uf_store *s, uint64_t h, void *out)
+{
+	int rc = 0;
+
+	if (!h)
+		return -EINVAL;
+	if (s->kind == UF_STORE_MEMORY) {
+		/* a blob is immutable while referenced, and the caller holds a reference
+		 * through its page table entry: no lock needed */
+		uint16_t *hd = mem_hdr(h);
+		const char *data = (const char *)hd + 4;
+		if (hd[0] == 0)
+			memcpy(out, data, PG);
+		else if (LZ4_decompress_safe(data, out, hd[0], (int)PG) != (int)PG)
+			rc = -EIO;
+		st_lock(s);
+	} else {
+		struct io_uring_sqe *sqe;
+		struct io_uring_cqe *cqe;
+		void *dst;
+		st_lock(s);
+		dst = s->direct ? s->bounce : out;
+		sqe = io_uring_get_sqe(&s->ring);
+		io_uring_prep_read(sqe, s->fd, dst, (unsigned)PG, ((h >> 4) - 1) * PG);
+		io_uring_submit(&s->ring);
+		rc = io_uring_wait_cqe(&s->ring, &cqe);
+		if (rc == 0) {
+			rc = cqe->res == (int)PG ? 0 : (cqe->res < 0 ? cqe->res : -EIO);
+			io_uring_cqe_seen(&s->ring, cqe);
+		}
+		if (rc == 0 && dst != out)
+			memcpy(out, dst, PG);
+	}
+	if (rc)
+		s->st.get_errors++;
+	else
+		s->st.gets++;
+	st_unlock(s);
+	return rc;
+}
+
+/* ==================================================================== page table */
+
+struct leafslot {
+	uint64_t key; /* (vpn >> LEAF_SHIFT) + 1; 0 = empty */
+	uint64_t *ents;
+};
+
+struct remap {
+	uint64_t from, to, len;
+};
+
+struct uf_pt {
+	pthread_mutex_t lock;
+	int refs;
+	uf_store *store;
+	struct uf_budget *budget;
+	int uffd, kick_fd, wp;
+	uint16_t epoch;
+
+	struct leafslot *tab;
+	size_t ntab, nleaves;
+
+	uint64_t counts[5]; /* pages per state (NONE counts only pages with an entry) */
+
+	/* the batch in flight */
+	int batch;
+	uint64_t *runs; /* (addr, len) pairs as marked by begin */
+	size_t nruns, capruns;
+	struct remap *log;
+	size_t nlog, caplog;
+	uf_pt **kids; /* forked while the batch was in flight */
+	size_t nkids;
+
+	/* read-ahead */
+	uint64_t last_fault, ra_window;
+
+	struct uf_pt_stats st;
+};
+
+struct uf_budget {
+	int64_t resident;	/* pages, approximately (resynced by Python) */
+	int64_t limit;		/* faults that would go past it wait for eviction */
+	int notify_fd;
+	uint64_t parked;	/* faults parked so far */
+};
+
+uf_budget *uf_budget_new(int64_t limit_pages, int notify_fd)
+{
+	uf_budget *b = calloc(1, sizeof(*b));
+	if (!b)
+		return NULL;
+	b->limit = limit_pages;
+	b->notify_fd = notify_fd;
+	return b;
+}
+
+void uf_budget_free(uf_budget *b) { free(b); }
+
+void uf_budget_set(uf_budget *b, int64_t limit_pages, int64_t resident_pages)
+{
+	if (limit_pages >= 0)
+		__atomic_store_n(&b->limit, limit_pages, __ATOMIC_RELAXED);
+	if (resident_pages >= 0)
+		__atomic_store_n(&b->resident, resident_pages, __ATOMIC_RELAXED);
+}
+
+int64_t uf_budget_resident(uf_budget *b) { return __atomic_load_n(&b->resident, __ATOMIC_RELAXED); }
+uint64_t uf_budget_parked(uf_budget *b) { return __atomic_load_n(&b->parked, __ATOMIC_RELAXED); }
+
+static void budget_add(uf_budget *b, int64_t n)
+{
+	if (b)
+		__atomic_fetch_add(&b->resident, n, __ATOMIC_RELAXED);
+}
+
+static uint64_t hash64(uint64_t k)
+{
+	k ^= k >> 33;
+	k *= 0xff51afd7ed558ccdULL;
+	k ^= k >> 33;
+	return k;
+}
+
+static struct leafslot *tab_find(uf_pt *pt, uint64_t key)
+{
+	size_t mask = pt->ntab - 1, i;
+
+	if (!pt->ntab)
+		return NULL;
+	for (i = hash64(key) & mask;; i = (i + 1) & mask) {
+		if (pt->tab[i].key == key)
+			return &pt->tab[i];
+		if (pt->tab[i].key == 0)
+			return NULL;
+	}
+}
+
+static int tab_grow(uf_pt *pt)
+{
+	size_t n = pt->ntab ? pt->ntab * 2 : 64, i, mask = n - 1;
+	struct leafslot *nt = calloc(n, sizeof(*nt));
+
+	if (!nt)
+		return -ENOMEM;
+	for (i = 0; i < pt->ntab; i++) {
+		size_t j;
+		if (!pt->tab[i].key)
+			continue;
+		for (j = hash64(pt->tab[i].key) & mask; nt[j].key; j = (j + 1) & mask)
+			;
+		nt[j] = pt->tab[i];
+	}
+	free(pt->tab);
+	pt->tab = nt;
+	pt->ntab = n;
+	return 0;
+}
+
+/* The entry for addr; NULL when it has none (and create == 0 or no memory). */
+static uint64_t *ent_at(uf_pt *pt, uint64_t addr, int create)
+{
+	uint64_t vpn = addr / PG, key = (vpn >> LEAF_SHIFT) + 1;
+	struct leafslot *ls = tab_find(pt, key);
+
+	if (!ls) {
+		size_t mask, j;
+		uint64_t *leaf;
+		if (!create)
+			return NULL;
+		if ((pt->nleaves + 1) * 2 > pt->ntab && tab_grow(pt))
+			return NULL;
+		leaf = calloc(LEAF_N, sizeof(uint64_t));
+		if (!leaf)
+			return NULL;
+		mask = pt->ntab - 1;
+		for (j = hash64(key) & mask; pt->tab[j].key; j = (j + 1) & mask)
+			;
+		pt->tab[j].key = key;
+		pt->tab[j].ents = leaf;
+		pt->nleaves++;
+		ls = &pt->tab[j];
+	}
+	return &ls->ents[vpn & (LEAF_N - 1)];
+}
+
+static uint64_t ent_get(uf_pt *pt, uint64_t addr)
+{
+	uint64_t *e = ent_at(pt, addr, 0);
+	return e ? *e : 0;
+}
+
+/* Set an entry, keeping the per-state counts (lock held). */
+static void ent_set(uf_pt *pt, uint64_t *e, uint64_t v)
+{
+	pt->counts[E_STATE(*e)]--;
+	pt->counts[E_STATE(v)]++;
+	*e = v;
+}
+
+static int ent_put(uf_pt *pt, uint64_t addr, uint64_t v)
+{
+	uint64_t *e = ent_at(pt, addr, 1);
+	if (!e)
+		return -ENOMEM;
+	if (*e == 0 && v == 0)
+		return 0;
+	if (*e == 0)
+		pt->counts[UF_PG_NONE]++; /* entries that did not exist count as NONE first */
+	ent_set(pt, e, v);
+	return 0;
+}
+
+uf_pt *uf_pt_new(uf_store *store, int *err)
+{
+	uf_pt *pt = calloc(1, sizeof(*pt));
+
+	if (!pt) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	pthread_mutex_init(&pt->lock, NULL);
+	pt->refs = 1;
+	pt->store = store;
+	__atomic_fetch_add(&store->users, 1, __ATOMIC_RELAXED);
+	pt->uffd = -1;
+	pt->kick_fd = -1;
+	pt->epoch = 1;
+	*err = 0;
+	return pt;
+}
+
+uf_pt *uf_pt_ref(uf_pt *pt)
+{
+	__atomic_fetch_add(&pt->refs, 1, __ATOMIC_RELAXED);
+	return pt;
+}
+
+void uf_pt_unref(uf_pt *pt)
+{
+	size_t i, j;
+
+	if (!pt || __atomic_sub_fetch(&pt->refs, 1, __ATOMIC_ACQ_REL) > 0)
+		return;
+	st_lock(pt->store);
+	for (i = 0; i < pt->ntab; i++) {
+		if (!pt->tab[i].key)
+			continue;
+		for (j = 0; j < LEAF_N; j++)
+			slot_put_ref(pt->store, E_SLOT(pt->tab[i].ents[j]));
+		free(pt->tab[i].ents);
+	}
+	st_unlock(pt->store);
+	for (i = 0; i < pt->nkids; i++)
+		uf_pt_unref(pt->kids[i]);
+	free(pt->kids);
+	free(pt->tab);
+	free(pt->runs);
+	free(pt->log);
+	uf_store_free(pt->store);
+	pthread_mutex_destroy(&pt->lock);
+	free(pt);
+}
+
+void uf_pt_attach(uf_pt *pt, int uffd, int kick_fd, int wp, uf_budget *budget)
+{
+	pthread_mutex_lock(&pt->lock);
+	pt->uffd = uffd;
+	pt->kick_fd = kick_fd;
+	pt->wp = wp;
+	pt->budget = budget;
+	pthread_mutex_unlock(&pt->lock);
+}
+
+void uf_pt_bind(uf_pt *pt, int uffd, int kick_fd)
+{
+	pthread_mutex_lock(&pt->lock);
+	pt->uffd = uffd;
+	pt->kick_fd = kick_fd;
+	pthread_mutex_unlock(&pt->lock);
+}
+
+static void kick(uf_pt *pt)
+{
+	uint64_t one = 1;
+	if (pt->kick_fd >= 0 && write(pt->kick_fd, &one, sizeof(one)) < 0) {
+		/* EAGAIN: a kick is pending already */
+	}
+}
+
+void uf_pt_tick(uf_pt *pt)
+{
+	pthread_mutex_lock(&pt->lock);
+	pt->epoch++;
+	if (!pt->epoch)
+		pt->epoch = 1;
+	pthread_mutex_unlock(&pt->lock);
+}
+
+void uf_pt_get_stats(uf_pt *pt, struct uf_pt_stats *out)
+{
+	pthread_mutex_lock(&pt->lock);
+	*out = pt->st;
+	out->pages_clean = pt->counts[UF_PG_CLEAN];
+	out->pages_transit = pt->counts[UF_PG_TRANSIT];
+	out->pages_evicted = pt->counts[UF_PG_EVICTED];
+	out->pages_zero = pt->counts[UF_PG_ZERO];
+	out->table_bytes = pt->nleaves * LEAF_N * sizeof(uint64_t) + pt->ntab * sizeof(struct leafslot);
+	out->epoch = pt->epoch;
+	out->readahead_window = pt->ra_window;
+	pthread_mutex_unlock(&pt->lock);
+}
+
+int uf_pt_state(uf_pt *pt, uint64_t addr, uint64_t *slot_out)
+{
+	uint64_t v;
+
+	pthread_mutex_lock(&pt->lock);
+	v = ent_get(pt, addr);
+	pthread_mutex_unlock(&pt->lock);
+	if (slot_out)
+		*slot_out = E_SLOT(v);
+	return E_STATE(v) | ((v & E_DROPPED) ? 0x10 : 0);
+}
+
+/* Copy of the table for a forked child (called by the engine at the FORK message, so
+ * the child sees the parent as it was at the fork).  Every slot gains a reference. */
+uf_pt *uf_pt_clone(uf_pt *pt)
+{
+	int err;
+	uf_pt *c = uf_pt_new(pt->store, &err);
+	size_t i, j;
+
+	if (!c)
+		return NULL;
+	pthread_mutex_lock(&pt->lock);
+	c->epoch = pt->epoch;
+	c->wp = pt->wp;
+	c->budget = pt->budget;
+	if (pt->ntab) {
+		c->tab = calloc(pt->ntab, sizeof(*c->tab));
+		if (!c->tab)
+			goto fail;
+		c->ntab = pt->ntab;
+	}
+	st_lock(pt->store);
+	for (i = 0; i < pt->ntab; i++) {
+		if (!pt->tab[i].key)
+			continue;
+		c->tab[i].ents = malloc(LEAF_N * sizeof(uint64_t));
+		if (!c->tab[i].ents) {
+			st_unlock(pt->store);
+			goto fail;
+		}
+		c->tab[i].key = pt->tab[i].key;
+		memcpy(c->tab[i].ents, pt->tab[i].ents, LEAF_N * sizeof(uint64_t));
+		c->nleaves++;
+		for (j = 0; j < LEAF_N; j++)
+			slot_get_ref(pt->store, E_SLOT(c->tab[i].ents[j]));
+	}
+	st_unlock(pt->store);
+	memcpy(c->counts, pt->counts, sizeof(c->counts));
+	if (pt->batch) {
+		uf_pt **nk = realloc(pt->kids, (pt->nkids + 1) * sizeof(*nk));
+		c->runs = malloc((pt->nruns ? pt->nruns : 1) * 2 * sizeof(uint64_t));
+		c->log = malloc((pt->nlog ? pt->nlog : 1) * sizeof(struct remap));
+		if (!nk || !c->runs || !c->log) {
+			if (nk)
+				pt->kids = nk;
+			goto fail;
+		}
+		pt->kids = nk;
+		memcpy(c->runs, pt->runs, pt->nruns * 2 * sizeof(uint64_t));
+		c->nruns = c->capruns = pt->nruns;
+		memcpy(c->log, pt->log, pt->nlog * sizeof(struct remap));
+		c->nlog = c->caplog = pt->nlog;
+		c->batch = 1;
+		pt->kids[pt->nkids++] = uf_pt_ref(c);
+	}
+	pthread_mutex_unlock(&pt->lock);
+	return c;
+fail:
+	pthread_mutex_unlock(&pt->lock);
+	uf_pt_unref(c);
+	return NULL;
+}
+
+/* ---- events (engine thread, in message order) ---------------------------------- */
+
+static void drop_range(uf_pt *pt, uint64_t start, uint64_t end)
+{
+	uint64_t a;
+
+	for (a = start; a < end; a += PG) {
+		uint64_t *e = ent_at(pt, a, 0);
+		if (!e) {
+			a = ((a / PG) | (LEAF_N - 1)) * PG; /* skip the rest of a missing leaf */
+			continue;
+		}
+		if (!*e)
+			continue;
+		if (E_STATE(*e) == UF_PG_TRANSIT) {
+			/* the batch decides it; the data must not come back */
+			st_lock(pt->store);
+			slot_put_ref(pt->store, E_SLOT(*e));
+			st_unlock(pt->store);
+			ent_set(pt, e, E_MAKE(0, UF_PG_TRANSIT, E_STAMP(*e)) | E_DROPPED);
+			continue;
+		}
+		st_lock(pt->store);
+		slot_put_ref(pt->store, E_SLOT(*e));
+		st_unlock(pt->store);
+		ent_set(pt, e, 0);
+	}
+}
+
+void uf_pt_event(uf_pt *pt, const struct uf_msg *m)
+{
+	pthread_mutex_lock(&pt->lock);
+	switch (m->event) {
+	case UFFD_EVENT_REMOVE:
+	case UFFD_EVENT_UNMAP:
+		drop_range(pt, m->a & ~(PG - 1), m->b);
+		break;
+	case UFFD_EVENT_REMAP: { /* a = from, b = to, c = len */
+		uint64_t n = m->c / PG, i, *tmp = malloc((n ? n : 1) * sizeof(uint64_t));
+		if (!tmp)
+			break; /* cannot happen in practice; entries stay (faults would go to Python) */
+		for (i = 0; i < n; i++) {
+			uint64_t *e = ent_at(pt, m->a + i * PG, 0);
+			tmp[i] = e ? *e : 0;
+			if (e && *e)
+				ent_set(pt, e, 0);
+		}
+		/* whatever was at the destination was unmapped by the kernel */
+		drop_range(pt, m->b, m->b + m->c);
+		for (i = 0; i < n; i++)
+			if (tmp[i])
+				ent_put(pt, m->b + i * PG, tmp[i]);
+		free(tmp);
+		if (pt->batch) {
+			if (pt->nlog == pt->caplog) {
+				size_t nc = pt->caplog ? pt->caplog * 2 : 8;
+				struct remap *nl = realloc(pt->log, nc * sizeof(*nl));
+				if (nl) {
+					pt->log = nl;
+					pt->caplog = nc;
+				}
+			}
+			if (pt->nlog < pt->caplog)
+				pt->log[pt->nlog++] = (struct remap){ m->a, m->b, m->c };
+		}
+		break;
+	}
+	default:
+		break;
+	}
+	pthread_mutex_unlock(&pt->lock);
+}
+
+/* ---- eviction: begin, which pages need reading, commit ------------------------- */
+
+/* Mark the pages of `ranges` ((start, len) pairs) that are resident in our books
+ * (NONE or CLEAN) as TRANSIT, up to max_pages, and return the marked runs as
+ * (start, len) pairs in runs_out.  Returns the number of runs, or -errno. */
+int64_t uf_pt_begin(uf_pt *pt, const uint64_t *ranges, size_t nranges, uint64_t max_pages,
+		    uint64_t *runs_out, size_t max_runs)
+{
+	size_t i, nr = 0;
+	uint64_t taken = 0;
+	int64_t rc = 0;
+
+	pthread_mutex_lock(&pt->lock);
+	if (pt->batch) {
+		pthread_mutex_unlock(&pt->lock);
+		return -EBUSY;
+	}
+	for (i = 0; i < nranges && taken < max_pages; i++) {
+		uint64_t a = ranges[2 * i] & ~(PG - 1), end = ranges[2 * i] + ranges[2 * i + 1];
+		for (; a < end && taken < max_pages; a += PG) {
+			uint64_t *e = ent_at(pt, a, 1), v;
+			int s;
+			if (!e) {
+				rc = -ENOMEM;
+				goto out;
+			}
+			v = *e;
+			s = E_STATE(v);
+			if (s != UF_PG_NONE && s != UF_PG_CLEAN)
+				continue;
+			if (!v)
+				pt->counts[UF_PG_NONE]++;
+			ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_TRANSIT, E_STAMP(v)));
+			taken++;
+			if (nr && runs_out[2 * (nr - 1)] + runs_out[2 * (nr - 1) + 1] == a) {
+				runs_out[2 * (nr - 1) + 1] += PG;
+			} else {
+				if (nr == max_runs) {
+					/* no room for another run: give this page back */
+					ent_set(pt, e, v);
+					if (!v)
+						pt->counts[UF_PG_NONE]--;
+					taken--;
+					goto out;
+				}
+				runs_out[2 * nr] = a;
+				runs_out[2 * nr + 1] = PG;
+				nr++;
+			}
+		}
+	}
+out:
+	if (nr) {
+		if (pt->capruns < nr) {
+			uint64_t *n2 = realloc(pt->runs, nr * 2 * sizeof(uint64_t));
+			if (!n2) {
+				rc = -ENOMEM;
+			} else {
+				pt->runs = n2;
+				pt->capruns = nr;
+			}
+		}
+		if (rc == 0) {
+			memcpy(pt->runs, runs_out, nr * 2 * sizeof(uint64_t));
+			pt->nruns = nr;
+			pt->nlog = 0;
+			pt->batch = 1;
+		}
+	}
+	if (rc < 0 && nr) { /* undo */
+		size_t k;
+		uint64_t a;
+		for (k = 0; k < nr; k++)
+			for (a = runs_out[2 * k]; a < runs_out[2 * k] + runs_out[2 * k + 1]; a += PG) {
+				uint64_t *e = ent_at(pt, a, 0);
+				ent_set(pt, e, E_MAKE(E_SLOT(*e), E_SLOT(*e) ? UF_PG_CLEAN : UF_PG_NONE, E_STAMP(*e)));
+			}
+		nr = 0;
+	}
+	pthread_mutex_unlock(&pt->lock);
+	return rc < 0 ? rc : (int64_t)nr;
+}
+
+/* Where the page that was at addr when the batch began is now. */
+static uint64_t translate(const uf_pt *pt, uint64_t addr)
+{
+	size_t i;
+
+	for (i = 0; i < pt->nlog; i++)
+		if (addr >= pt->log[i].from && addr < pt->log[i].from + pt->log[i].len)
+			addr = addr - pt->log[i].from + pt->log[i].to;
+	return addr;
+}
+
+/* The batch position (page index) of each page, by walking the runs. */
+#define FOR_BATCH_PAGES(pt, idx, addr)                                                   \
+	for (size_t _r = 0, idx = 0; _r < (pt)->nruns; _r++)                             \
+		for (uint64_t addr = (pt)->runs[2 * _r];                                 \
+		     addr < (pt)->runs[2 * _r] + (pt)->runs[2 * _r + 1]; addr += PG, idx++)
+
+static int in_pairs(const uint64_t *pairs, size_t n, uint64_t off)
+{
+	size_t lo = 0, hi = n;
+	while (lo < hi) { /* pairs are sorted by offset and do not overlap */
+		size_t mid = (lo + hi) / 2;
+		if (pairs[2 * mid] + pairs[2 * mid + 1] <= off)
+			lo = mid + 1;
+		else
+			hi = mid;
+	}
+	return lo < n && pairs[2 * lo] <= off && off < pairs[2 * lo] + pairs[2 * lo + 1];
+}
+
+/* Of the batch offsets in `present` ((offset, len) pairs, sorted), those whose page
+ * must be read: TRANSIT without a valid store copy.  Returns pairs in out. */
+int64_t uf_pt_need_read(uf_pt *pt, const uint64_t *present, size_t npresent, uint64_t *out, size_t max_out)
+{
+	size_t n = 0;
+
+	pthread_mutex_lock(&pt->lock);
+	FOR_BATCH_PAGES(pt, idx, addr) {
+		uint64_t off = idx * PG, v;
+		if (!in_pairs(present, npresent, off))
+			continue;
+		v = ent_get(pt, translate(pt, addr));
+		if (E_STATE(v) == UF_PG_TRANSIT && E_SLOT(v) && !(v & E_DROPPED))
+			continue; /* clean: the store has it */
+		if (n && out[2 * (n - 1)] + out[2 * (n - 1) + 1] == off) {
+			out[2 * (n - 1) + 1] += PG;
+		} else if (n < max_out) {
+			out[2 * n] = off;
+			out[2 * n + 1] = PG;
+			n++;
+		} else {
+			pthread_mutex_unlock(&pt->lock);
+			return -E2BIG;
+		}
+	}
+	pthread_mutex_unlock(&pt->lock);
+	return (int64_t)n;
+}
+
+static int is_zero(const void *p)
+{
+	const uint64_t *w = p;
+	size_t i;
+	for (i = 0; i < PG / 8; i += 4)
+		if (w[i] | w[i + 1] | w[i + 2] | w[i + 3])
+			return 0;
+	return 1;
+}
+
+enum { OUT_RESTORE = 0, OUT_EVICTED = 1, OUT_ZERO = 2, OUT_NONE = 3 };
+
+/* Apply one page's outcome to a table (lock held). */
+static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *data,
+		  struct uf_commit *res, int own)
+{
+	uint64_t *e = ent_at(pt, translate(pt, addr), 0), v;
+
+	if (!e || E_STATE(*e) != UF_PG_TRANSIT) {
+		/* not ours any more (unmapped and mapped again in the meantime): a page we
+		 * took from there goes back where it was taken */
+		if (own && data && out != OUT_RESTORE && pt->uffd >= 0) {
+			uint64_t done = 0;
+			uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
+			res->returned++;
+		}
+		return;
+	}
+	v = *e;
+	if (v & E_DROPPED) {
+		ent_set(pt, e, 0);
+		if (own)
+			res->dropped++;
+		return;
+	}
+	switch (out) {
+	case OUT_RESTORE:
+		ent_set(pt, e, E_MAKE(E_SLOT(v), E_SLOT(v) ? UF_PG_CLEAN : UF_PG_NONE, E_STAMP(v)));
+		if (own)
+			res->kept++;
+		break;
+	case OUT_EVICTED:
+		if (E_SLOT(v) != slot) {
+			st_lock(pt->store);
+			slot_get_ref(pt->store, slot);
+			slot_put_ref(pt->store, E_SLOT(v));
+			st_unlock(pt->store);
+		}
+		ent_set(pt, e, E_MAKE(slot, UF_PG_EVICTED, E_STAMP(v)));
+		break;
+	case OUT_ZERO:
+		st_lock(pt->store);
+		slot_put_ref(pt->store, E_SLOT(v));
+		st_unlock(pt->store);
+		ent_set(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
+		break;
+	case OUT_NONE:
+		st_lock(pt->store);
+		slot_put_ref(pt->store, E_SLOT(v));
+		st_unlock(pt->store);
+		ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+		break;
+	}
+}
+
+/* Decide every page of the batch.  moved: batch (offset, len) pairs the agent moved
+ * into scratch; read: the pairs whose bytes are now in buf at the same offsets.
+ * Pages moved but neither read nor clean were holes.  Pages whose store put fails
+ * are installed back from buf (the eviction of those pages is aborted; nothing is
+ * lost) and res->put_error says why.  Faults waiting on the batch are then woken. */
+int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
+		 uint64_t buf, struct uf_commit *res)
+{
+	uint64_t *slots = NULL;
+	int64_t stored = 0;
+	size_t i, npages = 0, nput = 0, k;
+	uint64_t *putoff = NULL;
+	int rc = 0;
+
+	memset(res, 0, sizeof(*res));
+	pthread_mutex_lock(&pt->lock);
+	if (!pt->batch) {
+		pthread_mutex_unlock(&pt->lock);
+		return -EINVAL;
+	}
+	for (i = 0; i < pt->nruns; i++)
+		npages += pt->runs[2 * i + 1] / PG;
+	slots = calloc(npages ? npages : 1, sizeof(*slots));
+	putoff = calloc(npages ? npages : 1, sizeof(*putoff));
+	if (!slots || !putoff) {
+		rc = -ENOMEM;
+		npages = 0; /* everything is restored below */
+	}
+	/* 1. pages to put: read, not zero, not clean, not dropped - gathered contiguously */
+	if (rc == 0) {
+		FOR_BATCH_PAGES(pt, idx, addr) {
+			uint64_t off = idx * PG, v = ent_get(pt, translate(pt, addr));
+			if (!in_pairs(read, nread, off) || E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
+				continue;
+			if (E_SLOT(v))
+				continue;
+			if (is_zero((void *)(uintptr_t)(buf + off)))
+				continue;
+			putoff[nput++] = off;
+		}
+	}
+	if (nput) {
+		/* compact into batch order at the front of a scratch copy: the store takes a
+		 * contiguous array; the memory store compresses page by page anyway */
+		char *tmp = NULL; /* page aligned: the file store may write it with O_DIRECT */
+		if (posix_memalign((void **)&tmp, PG, nput * PG)) {
+			stored = -ENOMEM;
+		} else {
+			for (k = 0; k < nput; k++)
+				memcpy(tmp + k * PG, (void *)(uintptr_t)(buf + putoff[k]), PG);
+			stored = uf_store_put(pt->store, tmp, nput, slots);
+			free(tmp);
+		}
+		if (stored < 0) {
+			res->put_error = (int)stored;
+			stored = 0;
+		} else if ((size_t)stored < nput) {
+			/* the rest failed; find out why from a one-page retry */
+			uint64_t dummy;
+			int64_t r2 = uf_store_put(pt->store, (void *)(uintptr_t)(buf + putoff[stored]), 1, &dummy);
+			if (r2 == 1) {
+				uf_store_unref(pt->store, dummy);
+				res->put_error = -ENOMEM;
+			} else {
+				res->put_error = (int)(r2 < 0 ? r2 : -EIO);
+			}
+		}
+	}
+	/* 2. decide every page, in this table and in children forked meanwhile */
+	k = 0;
+	FOR_BATCH_PAGES(pt, idx, addr) {
+		uint64_t off = idx * PG, v = ent_get(pt, translate(pt, addr));
+		const void *data = NULL;
+		int out = OUT_RESTORE, wasread = in_pairs(read, nread, off);
+		uint64_t slot = 0;
+		if (wasread)
+			data = (void *)(uintptr_t)(buf + off);
+		if (rc < 0) {
+			out = OUT_RESTORE;
+		} else if (!in_pairs(moved, nmoved, off)) {
+			out = OUT_RESTORE; /* the kernel refused (shared, pinned) or it vanished */
+		} else if (E_STATE(v) == UF_PG_TRANSIT && E_SLOT(v) && !(v & E_DROPPED)) {
+			out = OUT_EVICTED; /* clean: evicted without reading or writing */
+			slot = E_SLOT(v);
+			res->clean++;
+		} else if (k < nput && putoff[k] == off) {
+			if (k < (size_t)stored) {
+				out = OUT_EVICTED;
+				slot = slots[k];
+				res->stored++;
+			} else {
+				/* the store failed: the page goes back (it is missing in the target and
+				 * its faults are parked, so the copy cannot race a fault) */
+				uint64_t done = 0;
+				int r = pt->uffd >= 0 ? uf_copy_all(pt->uffd, translate(pt, addr),
+								    (uint64_t)(uintptr_t)data, PG,
+								    UFFDIO_COPY_MODE_DONTWAKE, &done)
+						      : -EBADF;
+				out = OUT_NONE;
+				if (r < 0 && r != -ENOENT)
+					res->lost_errno = r;
+				res->failed++;
+			}
+			k++;
+		} else if (wasread) {
+			out = OUT_ZERO;
+			res->zero++;
+		} else {
+			out = OUT_NONE; /* a hole: never touched */
+			res->holes++;
+		}
+		if (out == OUT_EVICTED || out == OUT_ZERO)
+			res->evicted++;
+		apply(pt, addr, out, slot, data, res, 1);
+		for (i = 0; i < pt->nkids; i++) {
+			pthread_mutex_lock(&pt->kids[i]->lock);
+			apply(pt->kids[i], addr, out, slot, NULL, res, 0);
+			pthread_mutex_unlock(&pt->kids[i]->lock);
+		}
+	}
+	/* the new slots carry one reference from the put; apply() took one per table */
+	st_lock(pt->store);
+	for (k = 0; k < (size_t)stored; k++)
+		slot_put_ref(pt->store, slots[k]);
+	st_unlock(pt->store);
+	pt->st.pages_out += res->evicted;
+	pt->st.pages_out_clean += res->clean;
+	pt->st.pages_out_zero += res->zero;
+	pt->st.put_failures += res->failed;
+	budget_add(pt->budget, -(int64_t)res->evicted);
+	pt->batch = 0;
+	pt->nlog = 0;
+	for (i = 0; i < pt->nkids; i++) {
+		pthread_mutex_lock(&pt->kids[i]->lock);
+		pt->kids[i]->batch = 0;
+		pt->kids[i]->nlog = 0;
+		pthread_mutex_unlock(&pt->kids[i]->lock);
+		kick(pt->kids[i]);
+		uf_pt_unref(pt->kids[i]);
+	}
+	pt->nkids = 0;
+	pthread_mutex_unlock(&pt->lock);
+	if (res->failed && pt->uffd >= 0) /* wake the threads of pages copied back */
+		for (i = 0; i < pt->nruns; i++)
+			uf_wake(pt->uffd, pt->runs[2 * i], pt->runs[2 * i + 1]);
+	kick(pt);
+	free(slots);
+	free(putoff);
+	return rc;
+}
+
+/* ---- victims ----------------------------------------------------------------------- */
+
+/* Choose up to want pages among `present` ((start, len) pairs of pages resident in
+ * the target): the least recently faulted first (pages with no entry never came
+ * through us and count as oldest), CLEAN before dirty at equal age.  Writes (start,
+ * len) pairs in address order; returns the number of pairs. */
+static int64_t victims_locked(uf_pt *pt, const uint64_t *present, size_t npresent, uint64_t want, uint64_t *out,
+			      size_t max_out)
+{
+	uint64_t hist[2][257] = { { 0 } }, total = 0, acc = 0;
+	int cut_age = -1, cut_clean = 1;
+	size_t i, n = 0;
+
+	if (!want)
+		return 0;
+	/* age histogram in 256 buckets (age = epoch - stamp, saturated) */
+	for (i = 0; i < npresent; i++) {
+		uint64_t a;
+		for (a = present[2 * i]; a < present[2 * i] + present[2 * i + 1]; a += PG) {
+			uint64_t v = ent_get(pt, a);
+			int s = E_STATE(v), age;
+			if (s != UF_PG_NONE && s != UF_PG_CLEAN)
+				continue;
+			age = v ? (uint16_t)(pt->epoch - E_STAMP(v)) : 256;
+			if (age > 256)
+				age = 256;
+			hist[s == UF_PG_CLEAN][age]++;
+			total++;
+		}
+	}
+	/* oldest first; within an age, clean before dirty */
+	for (int age = 256; age >= 0 && cut_age < 0; age--)
+		for (int c = 1; c >= 0; c--) {
+			acc += hist[c][age];
+			if (acc >= want) {
+				cut_age = age;
+				cut_clean = c;
+				break;
+			}
+		}
+	if (cut_age < 0) {
+		cut_age = 0;
+		cut_clean = 0;
+	}
+	acc = 0;
+	for (i = 0; i < npresent && acc < want; i++) {
+		uint64_t a;
+		for (a = present[2 * i]; a < present[2 * i] + present[2 * i + 1] && acc < want; a += PG) {
+			uint64_t v = ent_get(pt, a);
+			int s = E_STATE(v), age, c;
+			if (s != UF_PG_NONE && s != UF_PG_CLEAN)
+				continue;
+			age = v ? (uint16_t)(pt->epoch - E_STAMP(v)) : 256;
+			if (age > 256)
+				age = 256;
+			c = s == UF_PG_CLEAN;
+			if (age < cut_age || (age == cut_age && c < cut_clean))
+				continue;
+			acc++;
+			if (n && out[2 * (n - 1)] + out[2 * (n - 1) + 1] == a) {
+				out[2 * (n - 1) + 1] += PG;
+			} else if (n < max_out) {
+				out[2 * n] = a;
+				out[2 * n + 1] = PG;
+				n++;
+			} else {
+				acc = want;
+			}
+		}
+	}
+	(void)total;
+	return (int64_t)n;
+}
+
+int64_t uf_pt_victims(uf_pt *pt, const uint64_t *present, size_t npresent, uint64_t want, uint64_t *out,
+		      size_t max_out)
+{
+	int64_t n;
+
+	pthread_mutex_lock(&pt->lock);
+	n = victims_locked(pt, present, npresent, want, out, max_out);
+	pthread_mutex_unlock(&pt->lock);
+	return n;
+}
+
+/* The resident pages of `regions` ((start, len) pairs) from the target's page map
+ * (PAGEMAP_SCAN; pages mapping the shared zero page hold no memory and are left out).
+ * With pt and want > 0, also choose up to want victims among them as uf_pt_victims
+ * does (pairs in out, their number in *nout).  Returns resident pages, or -errno. */
+int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nregions, uint64_t want,
+		   uint64_t *out, size_t max_out, int64_t *nout)
+{
+	enum { VEC = 4096 };
+	uint64_t *vec = malloc(VEC * 3 * sizeof(uint64_t)), *pres = NULL, resident = 0;
+	size_t npres = 0, cappres = 0, i;
+	int64_t rc = 0;
+
+	if (nout)
+		*nout = 0;
+	if (!vec)
+		return -ENOMEM;
+	for (i = 0; i < nregions && rc >= 0; i++) {
+		uint64_t pos = regions[2 * i], end = regions[2 * i] + regions[2 * i + 1];
+		while (pos < end) {
+			struct uf_scan sc = { .start = pos, .end = end, .category_mask = 1ULL << 3 /* PRESENT */,
+					      .return_mask = (1ULL << 3) | (1ULL << 5) /* PRESENT, PFNZERO */ };
+			int64_t n = uf_pagemap_scan(pagemap_fd, &sc, vec, VEC), k;
+			if (n < 0) {
+				rc = n;
+				break;
+			}
+			for (k = 0; k < n; k++) {
+				uint64_t s = vec[3 * k], e = vec[3 * k + 1];
+				if (vec[3 * k + 2] & (1ULL << 5))
+					continue; /* the zero page */
+				resident += (e - s) / PG;
+				if (!pt || !want)
+					continue;
+				if (npres && pres[2 * (npres - 1)] + pres[2 * (npres - 1) + 1] == s) {
+					pres[2 * (npres - 1) + 1] += e - s;
+					continue;
+				}
+				if (npres == cappres) {
+					size_t nc = cappres ? cappres * 2 : 1024;
+					uint64_t *np = realloc(pres, nc * 2 * sizeof(uint64_t));
+					if (!np) {
+						rc = -ENOMEM;
+						break;
+					}
+					pres = np;
+					cappres = nc;
+				}
+				pres[2 * npres] = s;
+				pres[2 * npres + 1] = e - s;
+				npres++;
+			}
+			/* walk_end is not trusted (6.18 leaves it at internal flush points): a scan
+			 * that filled the vector continues after its last region; one that did not
+			 * walked to the end */
+			if (n < VEC || rc < 0)
+				break;
+			pos = vec[3 * (n - 1) + 1];
+		}
+	}
+	if (rc >= 0 && pt && want && npres) {
+		int64_t n;
+		pthread_mutex_lock(&pt->lock);
+		n = victims_locked(pt, pres, npres, want, out, max_out);
+		pthread_mutex_unlock(&pt->lock);
+		if (nout)
+			*nout = n;
+	}
+	free(vec);
+	free(pres);
+	return rc < 0 ? rc : (int64_t)resident;
+}
+
+/* ---- faults (engine thread) ------------------------------------------------------- */
+
+static uint64_t now_us(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000ULL + (uint64_t)ts.tv_nsec / 1000;
+}
+
+static void latency(uf_pt *pt, const struct uf_msg *m)
+{
+	uint64_t x = (uint64_t)((uint32_t)now_us() - m->reserved3) + 1;
+	int p = 63 - __builtin_clzll(x), f = p >= 2 ? (int)((x >> (p - 2)) & 3) : (int)((x << (2 - p)) & 3);
+	int b = 4 * p + f;
+
+	/* HDR-style buckets: b = 4 * floor(log2(us + 1)) + the next two bits */
+	pt->st.lat_hist[b < UF_LAT_BUCKETS ? b : UF_LAT_BUCKETS - 1]++;
+}
+
+void uf_swap_stamp(struct uf_msg *m)
+{
+	if (!m->reserved3)
+		m->reserved3 = (uint32_t)now_us() | 1;
+}
+
+static const char zero_page[4096] __attribute__((aligned(4096)));
+
+/* Decide a fault.  Returns SWAP_DONE (resolved or nothing to do), SWAP_PARK (wait for
+ * a commit or for room under the limit), SWAP_DEFER (EAGAIN: retry), SWAP_PASS (not
+ * ours), or a negative errno (failed; *what says where). */
+int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
+{
+	uint64_t addr = m->b & ~(PG - 1), v, done = 0;
+	int s, rc, wr = !!(m->a & UFFD_PAGEFAULT_FLAG_WRITE);
+	uint64_t *e;
+
+	*what = 0;
+	pthread_mutex_lock(&pt->lock);
+	v = ent_get(pt, addr);
+	s = E_STATE(v);
+	if (m->a & UFFD_PAGEFAULT_FLAG_WP) {
+		if (s == UF_PG_TRANSIT && !(v & E_DROPPED)) {
+			pthread_mutex_unlock(&pt->lock);
+			return SWAP_PARK; /* decided by the commit: kept, or gone and faulted back */
+		}
+		if (s == UF_PG_CLEAN) {
+			/* the store's copy stops being valid before the write goes through */
+			e = ent_at(pt, addr, 0);
+			st_lock(pt->store);
+			slot_put_ref(pt->store, E_SLOT(v));
+			st_unlock(pt->store);
+			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+			pt->st.dirtied++;
+		}
+		pthread_mutex_unlock(&pt->lock);
+		if (s == UF_PG_EVICTED || s == UF_PG_ZERO) {
+			uf_wake(pt->uffd, addr, PG); /* gone meanwhile: it faults back as MISSING */
+			return SWAP_DONE;
+		}
+		{
+			uint64_t r[2] = { addr, PG };
+			rc = uf_writeprotect(pt->uffd, r, 1, 0, NULL);
+		}
+		if (rc == -EAGAIN)
+			return SWAP_DEFER;
+		uf_wake(pt->uffd, addr, PG);
+		pt->st.wp_faults++;
+		return SWAP_DONE;
+	}
+	if (s == UF_PG_TRANSIT) {
+		pthread_mutex_unlock(&pt->lock);
+		return SWAP_PARK;
+	}
+	if (pt->budget && (s == UF_PG_EVICTED || wr)) {
+		int64_t lim = __atomic_load_n(&pt->budget->limit, __ATOMIC_RELAXED);
+		if (lim > 0 && __atomic_load_n(&pt->budget->resident, __ATOMIC_RELAXED) >= lim) {
+			pthread_mutex_unlock(&pt->lock);
+			__atomic_fetch_add(&pt->budget->parked, 1, __ATOMIC_RELAXED);
+			if (pt->budget->notify_fd >= 0) {
+				uint64_t one = 1;
+				if (write(pt->budget->notify_fd, &one, sizeof(one)) < 0) {
+				}
+			}
+			return SWAP_PARK;
+		}
+	}
+	if (s == UF_PG_EVICTED) {
+		uint64_t ra[UF_RA_MAX], nra = 0, i, mode;
+		int64_t got;
+		char *b = bufs;
+		uint64_t vpn = addr / PG;
+
+		rc = uf_store_get(pt->store, E_SLOT(v), b);
+		if (rc < 0) {
+			pthread_mutex_unlock(&pt->lock);
+			*what = UF_FAIL_STORE;
+			return rc;
+		}
+		/* read-ahead: after a sequential fault, bring the next evicted pages too; the
+		 * window doubles while the pattern holds and closes on a random fault */
+		if (pt->last_fault && (vpn == pt->last_fault + 1 || (vpn > pt->last_fault && vpn <= pt->last_fault + pt->ra_window + 1)))
+			pt->ra_window = pt->ra_window ? (pt->ra_window * 2 > UF_RA_MAX ? UF_RA_MAX : pt->ra_window * 2) : 2;
+		else
+			pt->ra_window = 0;
+		for (i = 1; i <= pt->ra_window; i++) {
+			uint64_t w = ent_get(pt, addr + i * PG);
+			if (E_STATE(w) != UF_PG_EVICTED)
+				break;
+			if (uf_store_get(pt->store, E_SLOT(w), b + i * PG) < 0)
+				break;
+			ra[nra++] = w;
+		}
+		/* read faults install write-protected and keep the store copy (CLEAN) */
+		mode = (pt->wp && !wr) ? UFFDIO_COPY_MODE_WP : 0;
+		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)b, PG, mode | UFFDIO_COPY_MODE_DONTWAKE, &done);
+		if (rc == -EINVAL && mode) { /* registered without WP: install writable, keep no copy */
+			mode = 0;
+			nra = 0;
+			rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)b, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
+		}
+		if (rc == 0) {
+			e = ent_at(pt, addr, 0);
+			if (mode) {
+				ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
+			} else {
+				st_lock(pt->store);
+				slot_put_ref(pt->store, E_SLOT(v));
+				st_unlock(pt->store);
+				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+			}
+			pt->st.swapins++;
+			budget_add(pt->budget, 1);
+			got = 0;
+			if (nra && pt->wp) {
+				uint64_t rdone = 0;
+				int r2 = uf_copy_all(pt->uffd, addr + PG, (uint64_t)(uintptr_t)(b + PG), nra * PG,
+						     UFFDIO_COPY_MODE_WP | UFFDIO_COPY_MODE_DONTWAKE, &rdone);
+				(void)r2;
+				got = (int64_t)(rdone / PG);
+				for (i = 0; i < (uint64_t)got; i++) {
+					e = ent_at(pt, addr + (i + 1) * PG, 0);
+					ent_set(pt, e, E_MAKE(E_SLOT(ra[i]), UF_PG_CLEAN, pt->epoch));
+				}
+				pt->st.readahead += (uint64_t)got;
+				pt->st.swapins += (uint64_t)got;
+				budget_add(pt->budget, got);
+			}
+			pt->last_fault = vpn + (uint64_t)got;
+			latency(pt, m);
+		}
+		pthread_mutex_unlock(&pt->lock);
+		if (rc == 0 || rc == -EEXIST) {
+			uf_wake(pt->uffd, addr, PG);
+			return SWAP_DONE;
+		}
+		if (rc == -EAGAIN)
+			return SWAP_DEFER;
+		if (rc == -ENOENT || rc == -ESRCH)
+			return SWAP_DONE; /* the mapping or the process is gone */
+		*what = UF_FAIL_RESOLVE;
+		return rc;
+	}
+	/* ZERO, NONE (never touched, or discarded by the application), CLEAN that is not
+	 * there (cannot happen: an event would have reset it) */
+	if (wr) {
+		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)zero_page, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
+		if (rc == 0)
+			budget_add(pt->budget, 1);
+	} else {
+		rc = uf_zeropage_all(pt->uffd, addr, PG, UFFDIO_ZEROPAGE_MODE_DONTWAKE, &done);
+	}
+	if (rc == 0) {
+		e = ent_at(pt, addr, 1);
+		if (e) {
+			if (!*e)
+				pt->counts[UF_PG_NONE]++;
+			st_lock(pt->store);
+			slot_put_ref(pt->store, E_SLOT(*e));
+			st_unlock(pt->store);
+			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+		}
+		if (s == UF_PG_ZERO) {
+			pt->st.swapins++;
+			latency(pt, m);
+		} else {
+			pt->st.first_touch++;
+		}
+	}
+	pthread_mutex_unlock(&pt->lock);
+	if (rc == 0 || rc == -EEXIST) {
+		uf_wake(pt->uffd, addr, PG);
+		return SWAP_DONE;
+	}
+	if (rc == -EAGAIN)
+		return SWAP_DEFER;
+	if (rc == -ENOENT || rc == -ESRCH)
+		return SWAP_DONE;
+	*what = UF_FAIL_RESOLVE;
+	return rc;
+}
+
+/* Bring every evicted page back (release, detach): EVICTED and ZERO pages are
+ * installed (EEXIST - already back - is fine) and become NONE.  Returns the number of
+ * pages installed, or -errno (the first failure; the rest stay evicted). */
+int64_t uf_pt_fill_all(uf_pt *pt)
+{
+	size_t i, j;
+	int64_t n = 0;
+	int rc = 0;
+	void *b = NULL;
+
+	if (posix_memalign(&b, PG, PG))
+		return -ENOMEM;
+	pthread_mutex_lock(&pt->lock);
+	for (i = 0; i < pt->ntab && rc == 0; i++) {
+		if (!pt->tab[i].key)
+			continue;
+		for (j = 0; j < LEAF_N && rc == 0; j++) {
+			uint64_t *e = &pt->tab[i].ents[j], v = *e, done = 0;
+			uint64_t addr = ((pt->tab[i].key - 1) << LEAF_SHIFT | j) * PG;
+			int s = E_STATE(v);
+			if (s == UF_PG_EVICTED) {
+				rc = uf_store_get(pt->store, E_SLOT(v), b);
+				if (rc == 0)
+					rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)b, PG, 0, &done);
+			} else if (s == UF_PG_ZERO) {
+				rc = uf_zeropage_all(pt->uffd, addr, PG, 0, &done);
+			} else {
+				continue;
+			}
+			if (rc == -EEXIST || rc == -ENOENT)
+				rc = 0; /* already back / no longer mapped */
+			if (rc == 0) {
+				st_lock(pt->store);
+				slot_put_ref(pt->store, E_SLOT(v));
+				st_unlock(pt->store);
+				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+				n++;
+			}
+		}
+	}
+	pthread_mutex_unlock(&pt->lock);
+	free(b);
+	return rc < 0 ? rc : n;
+}
+
+/* ---- one eviction batch after the agent's MOVE, all in C ------------------------------- */
+
+/* The agent's MOVE request for the batch begun last: (src, scratch + offset, len)
+ * triples.  Returns the number of triples. */
+int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t max)
+{
+	size_t i;
+	uint64_t off = 0;
+
+	pthread_mutex_lock(&pt->lock);
+	if (pt->nruns > max) {
+		pthread_mutex_unlock(&pt->lock);
+		return -E2BIG;
+	}
+	for (i = 0; i < pt->nruns; i++) {
+		out[3 * i] = pt->runs[2 * i];
+		out[3 * i + 1] = scratch + off;
+		out[3 * i + 2] = pt->runs[2 * i + 1];
+		off += pt->runs[2 * i + 1];
+	}
+	pthread_mutex_unlock(&pt->lock);
+	return (int64_t)i;
+}
+
+static int cmp_pair(const void *a, const void *b)
+{
+	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	return x < y ? -1 : x > y;
+}
+
+/* After the agent moved pages (moved: (source address, len) pairs, as it reported
+ * them): find which moved pages sit in the scratch area (page map), read those without
+ * a valid store copy with one process_vm_readv into buf (batch offsets), and commit.
+ * -EIO (nothing committed) when the read failed: the caller moves the pages back and
+ * commits an empty batch.  *scratch_used: bytes of scratch that may hold pages. */
+int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,
+		  size_t nmoved, uint64_t buf, struct uf_commit *res, uint64_t *scratch_used)
+{
+	uint64_t *mo = malloc((nmoved ? nmoved : 1) * 2 * sizeof(uint64_t));
+	uint64_t *pres = NULL, *need = NULL, *loc = NULL, *rem = NULL, used = 0, want = 0;
+	int64_t npres = 0, nneed = 0, got;
+	size_t i, k;
+	int rc = 0;
+
+	*scratch_used = 0;
+	if (!mo)
+		return -ENOMEM;
+	/* moved source ranges -> batch offsets (runs are in address order) */
+	pthread_mutex_lock(&pt->lock);
+	for (i = 0; i < nmoved; i++) {
+		uint64_t a = moved[2 * i], off = 0;
+		for (k = 0; k < pt->nruns; k++) {
+			if (a >= pt->runs[2 * k] && a < pt->runs[2 * k] + pt->runs[2 * k + 1])
+				break;
+			off += pt->runs[2 * k + 1];
+		}
+		mo[2 * i] = k < pt->nruns ? off + (a - pt->runs[2 * k]) : UINT64_MAX;
+		mo[2 * i + 1] = moved[2 * i + 1];
+	}
+	pthread_mutex_unlock(&pt->lock);
+	qsort(mo, nmoved, 2 * sizeof(uint64_t), cmp_pair);
+	while (nmoved && mo[2 * (nmoved - 1)] == UINT64_MAX)
+		nmoved--;
+	for (i = 0; i < nmoved; i++)
+		if (mo[2 * i] + mo[2 * i + 1] > used)
+			used = mo[2 * i] + mo[2 * i + 1];
+	*scratch_used = used;
+	if (nmoved) {
+		/* present pages of the scratch area, as batch offsets */
+		uint64_t reg[2] = { scratch, used };
+		size_t cap = 1024;
+		enum { VEC = 4096 };
+		uint64_t *vec = malloc(VEC * 3 * sizeof(uint64_t));
+		pres = malloc(cap * 2 * sizeof(uint64_t));
+		if (!vec || !pres) {
+			free(vec);
+			rc = -ENOMEM;
+			goto out;
+		}
+		uint64_t pos = reg[0], end = reg[0] + reg[1];
+		while (pos < end) {
+			struct uf_scan sc = { .start = pos, .end = end, .category_mask = 1ULL << 3,
+					      .return_mask = 1ULL << 3 };
+			int64_t n = uf_pagemap_scan(pagemap_fd, &sc, vec, VEC), j;
+			if (n < 0) {
+				rc = (int)n;
+				break;
+			}
+			for (j = 0; j < n; j++) {
+				if ((size_t)npres == cap) {
+					uint64_t *np = realloc(pres, cap * 4 * sizeof(uint64_t));
+					if (!np) {
+						rc = -ENOMEM;
+						break;
+					}
+					pres = np;
+					cap *= 2;
+				}
+				pres[2 * npres] = vec[3 * j] - scratch;
+				pres[2 * npres + 1] = vec[3 * j + 1] - vec[3 * j];
+				npres++;
+			}
+			if (n < VEC || rc < 0)
+				break;
+			pos = vec[3 * (n - 1) + 1];
+		}
+		free(vec);
+		if (rc < 0)
+			goto out;
+		/* need_read can split a present run where clean pages sit: at most one run per page */
+		need = malloc((used / PG + 1) * 2 * sizeof(uint64_t));
+		if (!need) {
+			rc = -ENOMEM;
+			goto out;
+		}
+		nneed = uf_pt_need_read(pt, pres, (size_t)npres, need, used / PG + 1);
+		if (nneed < 0) {
+			rc = (int)nneed;
+			goto out;
+		}
+		if (nneed) {
+			loc = malloc((size_t)nneed * 2 * sizeof(uint64_t));
+			rem = malloc((size_t)nneed * 2 * sizeof(uint64_t));
+			if (!loc || !rem) {
+				rc = -ENOMEM;
+				goto out;
+			}
+			for (i = 0; i < (size_t)nneed; i++) {
+				loc[2 * i] = buf + need[2 * i];
+				rem[2 * i] = scratch + need[2 * i];
+				loc[2 * i + 1] = rem[2 * i + 1] = need[2 * i + 1];
+				want += need[2 * i + 1];
+			}
+			got = uf_process_vm_readv(pid, loc, (size_t)nneed, rem, (size_t)nneed);
+			if (got != (int64_t)want) {
+				rc = got < 0 ? (int)got : -EIO;
+				goto out;
+			}
+		}
+	}
+	rc = uf_pt_commit(pt, mo, nmoved, need ? need : mo, need ? (size_t)nneed : 0, buf, res);
+out:
+	free(mo);
+	free(pres);
+	free(need);
+	free(loc);
+	free(rem);
+	return rc;
+}

@@ -1,0 +1,731 @@
+"""Userspace swap: keep managed processes under a memory limit, cold pages in a store.
+
+Python sets policy, C moves pages.  The per-page state (resident, in transit, evicted,
+resident with a valid store copy) lives in a C page table per process (csrc/swap.c,
+8 bytes per page; the memory store adds 8 bytes per stored page).  Faults on evicted
+pages are served by the engine's C thread: the store is read (LZ4 decompression, or a
+read of the swap file through io_uring), the page installed with UFFDIO_COPY, and
+sequential faults read ahead.  Python only chooses victims and runs eviction batches:
+
+1. ``uf_pt_begin`` marks the victims TRANSIT: from now on any fault on them (a read of a
+   page already moved out, a write to one not yet moved) waits in the engine.
+2. The agent moves the pages into its scratch area with UFFDIO_MOVE (one request, many
+   ranges; the kernel refuses pages shared after fork or pinned: they stay).
+3. One vectored process_vm_readv reads the moved pages that have no valid store copy
+   (pages brought back by a read fault are installed write-protected; if they were not
+   written since, the store still has them and they are not read again).
+4. ``uf_pt_commit`` stores them (all-zero pages are not stored: they come back with
+   UFFDIO_ZEROPAGE), marks them EVICTED and lets waiting faults go on.  A page the store
+   refuses (full, I/O error) is installed back: the eviction of that page is aborted,
+   nothing is lost, and the error is reported.
+
+The limit: the engine counts pages it brings in; when the count reaches the limit a
+fault that would add a page waits until eviction has made room (the policy is woken at
+once).  Pages the program populates without faulting to us (the first write to a page
+first read as zeros) are found by the policy's rescan of the page map, so the resident
+set can pass the limit by what the program touches in one policy interval
+(``interval``, 20 ms by default) - the documented slack.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import math
+import mmap
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from . import _constants as C
+from ._errors import UffdError, UffdProcessGone, check, error_for
+from ._lib import ffi, lib
+
+if TYPE_CHECKING:
+    from ._lib import CData
+    from .manage import Manager, ManagedProcess
+
+PAGE = 4096
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'32M', '1.5G', '4096', '64MiB' -> bytes (powers of 1024)."""
+    m = _SIZE.match(text)
+    if not m:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512K, 32M, 2G)")
+    mult = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * mult)
+
+
+# ---- stores ------------------------------------------------------------------------------
+
+
+class Store:
+    """A page store implemented in C (the engine reads it without Python).
+
+    Built-in: :class:`MemoryStore` and :class:`FileStore`; :func:`open_store` parses the
+    ``--store`` specification.  Stores are shared by every process of a :class:`Swap`."""
+
+    kind = "?"
+
+    def __init__(self, handle: CData) -> None:
+        self._h = handle
+
+    def statistics(self) -> dict[str, int]:
+        st = ffi.new("struct uf_store_stats *")
+        lib.uf_store_get_stats(self._h, st)
+        return {
+            "pages": st.slots_used,
+            "bytes": st.bytes_stored,
+            "bytes_in": st.bytes_in,
+            "puts": st.puts,
+            "gets": st.gets,
+            "get_errors": st.get_errors,
+            "put_errors": st.put_errors,
+            "discards": st.discards,
+            "meta_bytes": st.meta_bytes,
+        }
+
+    def close(self) -> None:
+        if self._h is not None:
+            lib.uf_store_free(self._h)
+            self._h = None
+
+    def describe(self) -> str:
+        return self.kind
+
+
+class MemoryStore(Store):
+    """Pages compressed with LZ4 in the manager's memory (the default).  ``acceleration``
+    trades ratio for speed (LZ4_compress_fast)."""
+
+    kind = "memory"
+
+    def __init__(self, acceleration: int = 1) -> None:
+        err = ffi.new("int *")
+        h = lib.uf_store_memory(acceleration, err)
+        if h == ffi.NULL:
+            check(err[0], "store", "creating the memory store")
+        super().__init__(h)
+
+
+class FileStore(Store):
+    """A swap file written and read through io_uring.  ``path`` is a file (created,
+    mode 0600, removed on close) or a directory (a fresh file in it).  ``max_bytes``
+    caps its size; a full disk (ENOSPC) or an I/O error makes eviction keep the pages
+    resident and is reported.  O_DIRECT is used where the filesystem supports it."""
+
+    kind = "file"
+
+    def __init__(self, path: str, max_bytes: int = 0) -> None:
+        if os.path.isdir(path):
+            path = os.path.join(path, f"uffdio-swap-{os.getpid()}-{id(self):x}")
+        self.path = path
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                raise error_for(
+                    errno.EEXIST, "store", f"{path} exists", "name a new file or a directory"
+                ) from None
+            if exc.errno != errno.EINVAL:
+                raise error_for(exc.errno or errno.EIO, "store", f"cannot create {path}") from None
+            fd = os.open(path, flags, 0o600)  # no O_DIRECT here (tmpfs): page cache
+        err = ffi.new("int *")
+        h = lib.uf_store_file(fd, max_bytes, err)  # owns fd from here
+        if h == ffi.NULL:
+            os.close(fd)
+            os.unlink(path)
+            check(err[0], "store", "setting up the swap file's ring")
+        super().__init__(h)
+        self._unlinked = False
+
+    def close(self) -> None:
+        # the C store closes the file when the last page table lets go of it
+        super().close()
+        if not self._unlinked:
+            self._unlinked = True
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+    def describe(self) -> str:
+        return f"file:{self.path}"
+
+
+def open_store(spec: str) -> Store:
+    """``memory`` | ``memory:ACCEL`` | ``file:PATH`` | ``file:PATH,max=SIZE``."""
+    if spec == "memory" or spec.startswith("memory:"):
+        accel = 1
+        if ":" in spec:
+            try:
+                accel = int(spec.split(":", 1)[1])
+            except ValueError:
+                raise ValueError(f"--store {spec}: memory:N takes an LZ4 acceleration (1-65537)")
+        return MemoryStore(accel)
+    if spec.startswith("file:"):
+        rest = spec[5:]
+        max_bytes = 0
+        if ",max=" in rest:
+            rest, mx = rest.rsplit(",max=", 1)
+            max_bytes = parse_size(mx)
+        if not rest:
+            raise ValueError("--store file:PATH needs a path")
+        return FileStore(rest, max_bytes)
+    raise ValueError(f"unknown store {spec!r}: use 'memory' or 'file:PATH'")
+
+
+# ---- per-process state ------------------------------------------------------------------
+
+
+def _pairs(seq: list[tuple[int, int]]) -> CData:
+    arr = ffi.new("uint64_t[]", max(2, 2 * len(seq)))
+    for i, (a, n) in enumerate(seq):
+        arr[2 * i] = a
+        arr[2 * i + 1] = n
+    return arr
+
+
+def _unpairs(arr: CData, n: int) -> list[tuple[int, int]]:
+    return [(int(arr[2 * i]), int(arr[2 * i + 1])) for i in range(n)]
+
+
+MAX_VICTIM_RUNS = 1 << 16
+
+
+@dataclass
+class _Proc:
+    proc: ManagedProcess
+    pt: CData
+    pagemap: int = -1  # /proc/PID/pagemap, for PAGEMAP_SCAN
+    staging: Any = None  # mmap of the scratch size: where moved pages are read to
+    resident: int = 0  # pages, at the last scan
+
+    def close(self) -> None:
+        if self.pagemap >= 0:
+            os.close(self.pagemap)
+            self.pagemap = -1
+
+
+class Swap:
+    """Userspace swap for the processes of a :class:`~uffdio.Manager`.
+
+    ``Manager(swap=Swap(limit=32 << 20))``: every managed process gets a page table;
+    the policy (default :class:`LimitPolicy`) keeps the resident managed memory of all of
+    them together under ``limit`` bytes.  ``limit=None`` evicts only when asked
+    (:meth:`evict`)."""
+
+    def __init__(
+        self,
+        store: Store | str = "memory",
+        limit: int | None = None,
+        policy: Policy | str | None = None,
+        interval: float = 0.02,
+    ) -> None:
+        self.store = open_store(store) if isinstance(store, str) else store
+        self.limit = limit
+        self.interval = interval
+        self.policy: Policy = (
+            make_policy(policy) if isinstance(policy, str) or policy is None else policy
+        )
+        self._notify_r, self._notify_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        lim = -1 if limit is None else max(1, limit // PAGE)
+        self._budget = lib.uf_budget_new(lim, self._notify_w)
+        self.procs: dict[int, _Proc] = {}
+        self.manager: Manager | None = None
+        self.peak_resident = 0
+        self.last_resident = 0
+        self.samples: list[tuple[float, int]] = []
+        self.errors: list[str] = []
+        self._retired_stats: dict[str, int] = {}
+        self._retired_hist = [0] * C_LAT_BUCKETS
+        self.started = time.monotonic()
+        self.rounds = 0
+        #: the highest metadata bytes per managed page seen (tables + store index)
+        self.metadata_per_page = 0.0
+        self.managed_pages_max = 0
+
+    # -- wiring (called by Manager) --
+    def attach(self, proc: ManagedProcess) -> None:
+        """Give proc's engine a page table (a fork child's engine has its parent's copy)."""
+        assert proc.uffd is not None
+        e = proc.uffd._engine_handle()
+        pt = lib.uf_engine_pt(e)
+        if pt == ffi.NULL:
+            err = ffi.new("int *")
+            pt = lib.uf_pt_new(self.store._h, err)
+            if pt == ffi.NULL:
+                check(err[0], "swap", "page table")
+            check(lib.uf_engine_set_pt(e, pt, 1, self._budget), "swap", "engine")
+        try:
+            pm = os.open(f"/proc/{proc.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            pm = -1  # exited already
+        self.procs[proc.pid] = _Proc(proc, ffi.gc(pt, lib.uf_pt_unref), pm)
+
+    def detach(self, proc: ManagedProcess) -> None:
+        p = self.procs.pop(proc.pid, None)
+        if p is None:
+            return
+        p.close()
+        st = self._pt_stats(p.pt)
+        for k, v in st.items():
+            if isinstance(v, int) and k not in _NOT_SUMMED:
+                self._retired_stats[k] = self._retired_stats.get(k, 0) + v
+        for i, v in enumerate(st["lat_hist"]):
+            self._retired_hist[i] += v
+
+    def close(self) -> None:
+        if self._budget is not None:
+            lib.uf_budget_free(self._budget)
+            self._budget = None
+        for fd in (self._notify_r, self._notify_w):
+            os.close(fd)
+        self._notify_r = self._notify_w = -1
+        for p in self.procs.values():
+            p.close()
+        self.procs.clear()
+        self.store.close()
+
+    # -- measurements --
+    def _scan(
+        self, p: _Proc, want: int = 0, out: CData = ffi.NULL, nout: CData = ffi.NULL
+    ) -> int:
+        """Resident pages of p's registered regions (PAGEMAP_SCAN in C); with ``want``,
+        also the victims (pairs in ``out``, their number in ``nout[0]``)."""
+        if p.proc.exited or p.proc.uffd is None or p.pagemap < 0:
+            p.resident = 0
+            return 0
+        regs = p.proc.regions
+        arr = _pairs(regs)
+        n = lib.uf_pt_scan(p.pt, p.pagemap, arr, len(regs), want, out, MAX_VICTIM_RUNS, nout)
+        p.resident = max(0, n)
+        return p.resident
+
+    async def measure(self) -> int:
+        """Resident managed pages of every process, from the kernel's page map; also
+        resynchronises the engine's count that the limit is enforced with."""
+        total = 0
+        for p in list(self.procs.values()):
+            total += await anyio.to_thread.run_sync(self._scan, p)
+        lib.uf_budget_set(self._budget, -1, total)
+        self.last_resident = total * PAGE
+        self.peak_resident = max(self.peak_resident, self.last_resident)
+        managed = sum(sum(n for _, n in p.proc.regions) for p in self.procs.values()) // PAGE
+        if managed:
+            meta = self.store.statistics()["meta_bytes"] + sum(
+                self._pt_stats(p.pt)["table_bytes"] for p in self.procs.values()
+            )
+            self.metadata_per_page = max(self.metadata_per_page, meta / managed)
+            self.managed_pages_max = max(self.managed_pages_max, managed)
+        return total
+
+    def set_limit(self, limit: int | None) -> None:
+        self.limit = limit
+        lib.uf_budget_set(self._budget, -1 if limit is None else max(1, limit // PAGE), -1)
+        self._kick_all()
+
+    def _kick_all(self) -> None:
+        for p in list(self.procs.values()):
+            if p.proc.uffd is not None and not p.proc.exited:
+                lib.uf_engine_kick(p.proc.uffd._engine_handle())
+
+    # -- eviction --
+    async def evict(
+        self, proc: ManagedProcess, want: int, victims: list[tuple[int, int]] | None = None
+    ) -> int:
+        """Evict up to ``want`` pages of proc: the least recently faulted resident pages,
+        or the resident pages of ``victims`` ((start, length) list) when given.  Returns
+        the number of pages evicted (pages the kernel refuses to move - shared after
+        fork, pinned - stay resident)."""
+        p = self.procs.get(proc.pid)
+        if p is None or proc.exited or proc.uffd is None or want <= 0:
+            return 0
+        if not proc.features & C.Feature.MOVE:
+            raise error_for(
+                errno.EOPNOTSUPP,
+                "evict",
+                "the agent's uffd has no UFFD_FEATURE_MOVE",
+                "eviction zaps pages with UFFDIO_MOVE: use Linux 6.8 or newer",
+            )
+        cand = ffi.new("uint64_t[]", 2 * MAX_VICTIM_RUNS)
+        if victims is None:
+            nout = ffi.new("int64_t *")
+            await anyio.to_thread.run_sync(self._scan, p, want, cand, nout)
+            ncand = int(nout[0])
+        else:
+            victims = victims[:MAX_VICTIM_RUNS]
+            for i, (a, n) in enumerate(victims):
+                cand[2 * i], cand[2 * i + 1] = a, n
+            ncand = len(victims)
+        total = 0
+        async with proc._evict_lock:
+            if proc._fenced:
+                return 0
+            cap = proc.scratch_len // PAGE - 1  # the last scratch page is the pairing probe
+            off = 0  # candidates before off were offered to an earlier batch
+            while off < ncand and total < want and not proc.exited:
+                n, off = await self._batch(p, cand, ncand, off, min(cap, want - total))
+                total += n
+        return total
+
+    async def _batch(
+        self, p: _Proc, cand: CData, ncand: int, first: int, maxpages: int
+    ) -> tuple[int, int]:
+        """One batch from cand[first:]: returns (pages evicted, next candidate index)."""
+        proc = p.proc
+        assert proc.uffd is not None
+        runs = ffi.new("uint64_t[]", 2 * 4096)
+        nr = check(
+            lib.uf_pt_begin(p.pt, cand + 2 * first, ncand - first, maxpages, runs, 4096),
+            "evict: begin",
+        )
+        if nr == 0:
+            return 0, ncand
+        # where the next batch starts: the first candidate not wholly before the last run
+        last_end = int(runs[2 * (nr - 1)] + runs[2 * (nr - 1) + 1])
+        nxt = first
+        while nxt < ncand and int(cand[2 * nxt] + cand[2 * nxt + 1]) <= last_end:
+            nxt += 1
+        if nxt < ncand and int(cand[2 * nxt]) < last_end:
+            shift = last_end - int(cand[2 * nxt])
+            cand[2 * nxt] = last_end
+            cand[2 * nxt + 1] -= shift
+        triples = array.array("Q", bytes(24 * nr))
+        lib.uf_pt_batch_triples(p.pt, proc.scratch, ffi.from_buffer("uint64_t[]", triples), nr)
+        if p.staging is None:
+            p.staging = mmap.mmap(-1, proc.scratch_len)
+        buf = int(ffi.cast("uintptr_t", ffi.from_buffer(p.staging)))
+        res = ffi.new("struct uf_commit *")
+        empty = ffi.new("uint64_t[2]")
+        try:
+            moved_words, skipped = await proc._op_move(triples)
+        except BaseException:
+            # nothing was moved (or the process is gone): every page goes back to its state
+            lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            raise
+        moved = array.array("Q", moved_words)
+        used = ffi.new("uint64_t *")
+        rc = await anyio.to_thread.run_sync(
+            lib.uf_pt_collect,
+            p.pt,
+            proc.pid,
+            p.pagemap,
+            proc.scratch,
+            ffi.from_buffer("uint64_t[]", moved),
+            len(moved) // 2,
+            buf,
+            res,
+            used,
+        )
+        if rc < 0:
+            # the moved pages could not be read: put them back where they came from (the
+            # agent moves them), then let every page of the batch go back to its state
+            back = array.array("Q")
+            for i in range(0, len(moved), 2):
+                src = int(moved[i])
+                for t in range(0, len(triples), 3):
+                    if triples[t] <= src < triples[t] + triples[t + 2]:
+                        back.extend((triples[t + 1] + (src - triples[t]), src, moved[i + 1]))
+                        break
+            with contextlib.suppress(UffdError, OSError):
+                if back:
+                    await proc._op_move(back)
+            lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            raise error_for(-rc, "evict: reading the moved pages", f"pid {proc.pid}")
+        if used[0]:
+            await proc._op_dontneed([proc.scratch, int(used[0])])
+        proc.stats["pages_skipped"] += skipped
+        proc.stats["evictions"] += 1
+        proc.stats["pages_evicted"] += int(res.evicted)
+        if res.put_error:
+            msg = (
+                f"pid {proc.pid}: the store refused {res.failed} pages "
+                f"({os.strerror(-res.put_error)}): they stay resident"
+            )
+            if msg not in self.errors[-5:]:
+                self.errors.append(msg)
+                del self.errors[:-20]
+            raise StoreFull(res.put_error, int(res.evicted))
+        return int(res.evicted), nxt
+
+    # -- statistics --
+    @staticmethod
+    def _pt_stats(pt: CData) -> dict[str, Any]:
+        st = ffi.new("struct uf_pt_stats *")
+        lib.uf_pt_get_stats(pt, st)
+        out: dict[str, Any] = {
+            k: int(getattr(st, k))
+            for k in (
+                "swapins",
+                "readahead",
+                "first_touch",
+                "wp_faults",
+                "dirtied",
+                "pages_out",
+                "pages_out_clean",
+                "pages_out_zero",
+                "put_failures",
+                "pages_clean",
+                "pages_transit",
+                "pages_evicted",
+                "pages_zero",
+                "table_bytes",
+                "epoch",
+                "readahead_window",
+            )
+        }
+        out["lat_hist"] = [int(st.lat_hist[i]) for i in range(C_LAT_BUCKETS)]
+        return out
+
+    def statistics(self) -> dict[str, Any]:
+        tot: dict[str, int] = dict(self._retired_stats)
+        hist = list(self._retired_hist)
+        for p in list(self.procs.values()):
+            st = self._pt_stats(p.pt)
+            for k, v in st.items():
+                if isinstance(v, int):
+                    tot[k] = tot.get(k, 0) + v
+            for i, v in enumerate(st["lat_hist"]):
+                hist[i] += v
+        live_tables = sum(self._pt_stats(p.pt)["table_bytes"] for p in self.procs.values())
+        store = self.store.statistics()
+        managed_pages = max(
+            1,
+            sum(sum(n for _, n in p.proc.regions) // PAGE for p in self.procs.values()),
+        )
+        return {
+            "limit_bytes": self.limit,
+            "store": self.store.describe(),
+            "policy": self.policy.name,
+            "resident_bytes": self.last_resident,
+            "peak_resident_bytes": self.peak_resident,
+            "pages_evicted": tot.get("pages_out", 0),
+            "pages_evicted_clean": tot.get("pages_out_clean", 0),
+            "pages_evicted_zero": tot.get("pages_out_zero", 0),
+            "pages_swapped_in": tot.get("swapins", 0),
+            "pages_read_ahead": tot.get("readahead", 0),
+            "pages_in_store": tot.get("pages_evicted", 0),
+            "faults": {
+                "swap_in": tot.get("swapins", 0) - tot.get("readahead", 0),
+                "first_touch": tot.get("first_touch", 0),
+                "write_protect": tot.get("wp_faults", 0),
+                "parked_at_limit": int(lib.uf_budget_parked(self._budget)) if self._budget else 0,
+            },
+            "store_bytes": store["bytes"],
+            "store_bytes_in": store["bytes_in"],
+            "store_bytes_out": store["gets"] * PAGE,
+            "store_errors": {"put": store["put_errors"], "get": store["get_errors"]},
+            "compression_ratio": round(store["bytes_in"] / store["bytes"], 2)
+            if store["bytes"] and self.store.kind == "memory"
+            else None,
+            "fault_latency_us": latency_percentiles(hist),
+            "metadata_bytes_per_page": round(
+                self.metadata_per_page
+                if self.managed_pages_max
+                else (live_tables + store["meta_bytes"]) / managed_pages,
+                2,
+            ),
+            "managed_pages_max": self.managed_pages_max,
+            "errors": list(self.errors),
+            "rounds": self.rounds,
+        }
+
+    async def run(self) -> None:
+        """Run the policy until cancelled."""
+        await self.policy.run(self)
+
+    async def wait_pressure(self, timeout: float) -> None:  # noqa: ASYNC109
+        """Sleep until a fault waits at the limit, or ``timeout``."""
+        with anyio.move_on_after(timeout):
+            await anyio.wait_readable(self._notify_r)
+        try:
+            while os.read(self._notify_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+
+_NOT_SUMMED = {"epoch", "readahead_window", "pages_clean", "pages_transit", "pages_evicted", "pages_zero", "table_bytes"}
+C_LAT_BUCKETS = 64
+
+
+class StoreFull(UffdError):
+    """The store refused pages (ENOSPC, EIO...): those pages stayed resident."""
+
+    def __init__(self, err: int, evicted: int) -> None:
+        super().__init__(-err, "store", f"the store refused pages: {os.strerror(-err)}", "give the store more room (file:PATH,max=SIZE) or use --store memory")
+        self.evicted = evicted
+
+
+def bucket_low(b: int) -> float:
+    p, f = divmod(b, 4)
+    return (2**p) * (1 + f / 4) - 1
+
+
+def latency_percentiles(hist: list[int]) -> dict[str, float | None]:
+    total = sum(hist)
+    out: dict[str, float | None] = {"count": float(total)}
+    for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99)):
+        if not total:
+            out[name] = None
+            continue
+        want, acc = q * total, 0
+        for b, c in enumerate(hist):
+            acc += c
+            if acc >= want:
+                lo, hi = bucket_low(b), bucket_low(b + 1)
+                out[name] = round(math.sqrt(max(lo, 0.5) * hi), 1)  # bucket's geometric middle
+                break
+    return out
+
+
+# ---- policies ------------------------------------------------------------------------------
+
+
+class Policy:
+    """A policy is a coroutine that decides what to evict and when.  Subclass and
+    override :meth:`run`; the helpers on :class:`Swap` do the work: ``measure()``
+    (resident pages, from the kernel), ``choose(p, n)`` (victims by recency),
+    ``evict(proc, n, victims)``, ``set_limit()``, ``wait_pressure(t)``."""
+
+    name = "custom"
+
+    async def run(self, swap: Swap) -> None:
+        raise NotImplementedError
+
+
+class LimitPolicy(Policy):
+    """Keep the resident managed memory of all processes under ``swap.limit``: when it
+    passes ``high`` x limit, evict the least recently faulted pages down to ``low`` x
+    limit, spread over processes in proportion to their resident size."""
+
+    name = "limit"
+
+    def __init__(self, high: float = 0.95, low: float = 0.85) -> None:
+        self.high, self.low = high, low
+
+    async def step(self, swap: Swap) -> int:
+        resident = await swap.measure()
+        swap.samples.append((time.monotonic(), resident * PAGE))
+        del swap.samples[:-10000]
+        if swap.limit is None:
+            return 0
+        lim = swap.limit // PAGE
+        if resident <= lim * self.high:
+            swap._kick_all()
+            return 0
+        excess = resident - int(lim * self.low)
+        done = 0
+        for p in sorted(swap.procs.values(), key=lambda q: -q.resident):
+            if excess <= 0:
+                break
+            share = math.ceil(excess * p.resident / max(1, resident))
+            try:
+                done += await swap.evict(p.proc, share)
+            except UffdProcessGone:
+                continue
+            except StoreFull as exc:
+                done += exc.evicted
+            except (UffdError, OSError) as exc:
+                if not p.proc.exited:
+                    swap.errors.append(f"pid {p.proc.pid}: eviction failed: {exc}")
+                    del swap.errors[:-20]
+        for p in swap.procs.values():
+            lib.uf_pt_tick(p.pt)
+        swap.rounds += 1
+        if done == 0 and resident >= lim:
+            # nothing could be evicted (pages shared after fork, pinned, locked, or a
+            # failing store): let waiting faults through rather than stop the program
+            lib.uf_budget_set(swap._budget, -1, max(0, lim - 64))
+        swap._kick_all()
+        return done
+
+    async def run(self, swap: Swap) -> None:
+        while True:
+            await self.step(swap)
+            await swap.wait_pressure(swap.interval)
+
+
+class PressurePolicy(LimitPolicy):
+    """Senpai-like: find the smallest limit the program tolerates.  Every ``period``
+    seconds the stall time uffdio measured on its own faults (PSI does not see uffd
+    waits) is compared with ``target`` (fraction of wall time): below it the limit
+    shrinks by ``step``, above it the limit grows by ``step`` x (stall / target), within
+    [``min_bytes``, the user's --limit or the current resident size]."""
+
+    name = "pressure"
+
+    def __init__(
+        self, target: float = 0.01, step: float = 0.02, period: float = 0.5, min_bytes: int = 4 << 20
+    ) -> None:
+        super().__init__()
+        self.target, self.stepf, self.period, self.min_bytes = target, step, period, min_bytes
+        self.history: list[dict[str, float]] = []
+
+    @staticmethod
+    def _stall_us(swap: Swap) -> float:
+        st = swap.statistics()
+        _ = st
+        hist = list(swap._retired_hist)
+        for p in swap.procs.values():
+            h = Swap._pt_stats(p.pt)["lat_hist"]
+            for i, v in enumerate(h):
+                hist[i] += v
+        return sum(c * (bucket_low(b) + bucket_low(b + 1)) / 2 for b, c in enumerate(hist))
+
+    async def run(self, swap: Swap) -> None:
+        ceiling = swap.limit
+        if swap.limit is None:
+            swap.set_limit(max(self.min_bytes, await swap.measure() * PAGE))
+        last_t, last_stall = time.monotonic(), self._stall_us(swap)
+        while True:
+            await self.step(swap)
+            await swap.wait_pressure(swap.interval)
+            now = time.monotonic()
+            if now - last_t < self.period:
+                continue
+            stall = self._stall_us(swap)
+            pressure = (stall - last_stall) / 1e6 / (now - last_t)
+            last_t, last_stall = now, stall
+            lim = swap.limit or 0
+            if pressure < self.target:
+                lim = int(lim * (1 - self.stepf))
+            else:
+                lim = int(lim * (1 + self.stepf * min(10.0, pressure / self.target)))
+            top = ceiling if ceiling is not None else max(lim, swap.peak_resident)
+            lim = max(self.min_bytes, min(lim, top))
+            swap.set_limit(lim)
+            self.history.append({"t": now - swap.started, "pressure": pressure, "limit": lim})
+            del self.history[:-1000]
+
+
+class NoPolicy(Policy):
+    """Evict only when asked (Swap.evict); faults are still served from the store."""
+
+    name = "none"
+
+    async def run(self, swap: Swap) -> None:
+        while True:
+            await swap.measure()
+            await anyio.sleep(0.5)
+
+
+POLICIES: dict[str, type[Policy]] = {"limit": LimitPolicy, "pressure": PressurePolicy, "none": NoPolicy}
+
+
+def make_policy(name: str | None) -> Policy:
+    if name is None:
+        return LimitPolicy()
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise ValueError(f"unknown policy {name!r}: choose from {', '.join(POLICIES)}") from None

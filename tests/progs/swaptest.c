@@ -1,0 +1,289 @@
+/*
+ * swaptest - a target for userspace swap tests: a big anonymous buffer whose every
+ * page says what it must contain, read and written by several threads with a chosen
+ * access pattern, every page verified on every access and all of them at the end.
+ *
+ * Page layout: word 0 = page index, word 1 = version, words 2..511 = a function of
+ * (index, version) - half of them pseudo-random, half constant (LZ4 gets about 2x).
+ * Some pages are never written (must read as zeros); each thread owns the pages
+ * i % nthreads == t (no torn reads between threads).  A write bumps the version and
+ * rewrites the page - while the manager may be evicting it.
+ *
+ * usage: swaptest MiB PATTERN OPS THREADS WRITE% [EVENTS]
+ *   PATTERN: seq | rand | zipf (s = 0.99)      OPS: accesses per thread
+ *   EVENTS: letters run by thread 0 midway:  f = fork (child verifies and rewrites its
+ *   copy, parent checks its own is unchanged), m = munmap the last 1/16 of the buffer,
+ *   r = mremap the buffer to a new address, d = madvise(DONTNEED) a slice (must read
+ *   zeros), all after the other threads stopped for the event.
+ * Prints "ok checked=N" and exits 0, or prints the first mismatch and exits 1.
+ */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define PAGE 4096
+#define WORDS (PAGE / 8)
+
+static uint8_t *buf;
+static size_t npages, live_pages;
+static int nthreads, write_pct;
+static long ops;
+static const char *pattern;
+static const char *events = "";
+static uint64_t checked;
+static pthread_barrier_t bar;
+
+static uint64_t mix(uint64_t x)
+{
+	x ^= x >> 31;
+	x *= 0x7fb5d329728ea185ULL;
+	x ^= x >> 27;
+	x *= 0x81dadef4bc2dd44dULL;
+	x ^= x >> 33;
+	return x;
+}
+
+static void fill(uint64_t *p, uint64_t idx, uint64_t ver)
+{
+	uint64_t s = mix(idx * 1000003 + ver);
+	p[0] = idx;
+	p[1] = ver;
+	for (int i = 2; i < WORDS; i++)
+		p[i] = (i & 1) ? (s = mix(s + i)) : (idx ^ (ver << 40));
+}
+
+/* 0 when page idx holds version ver's content (ver 0: all zeros) */
+static int verify(const uint64_t *p, uint64_t idx, uint64_t *ver_out)
+{
+	uint64_t ver = p[1], s;
+	if (p[0] == 0 && ver == 0) {
+		for (int i = 0; i < WORDS; i++)
+			if (p[i])
+				return -1;
+		*ver_out = 0;
+		return 0;
+	}
+	if (p[0] != idx)
+		return -2;
+	s = mix(idx * 1000003 + ver);
+	for (int i = 2; i < WORDS; i++)
+		if (p[i] != ((i & 1) ? (s = mix(s + i)) : (idx ^ (ver << 40))))
+			return -3;
+	*ver_out = ver;
+	return 0;
+}
+
+static void fail(const char *what, uint64_t idx, int why, const uint64_t *p)
+{
+	fprintf(stderr, "MISMATCH %s page %lu (why %d): word0=%lu word1=%lu word2=%lx\n", what,
+		(unsigned long)idx, why, (unsigned long)p[0], (unsigned long)p[1], (unsigned long)p[2]);
+	fflush(stderr);
+	_exit(1);
+}
+
+struct thr {
+	int t;
+	uint64_t rng;
+	uint64_t *expect; /* expected version of each owned page (in managed memory too) */
+};
+
+static uint64_t next(struct thr *th)
+{
+	return th->rng = mix(th->rng + 0x9e3779b97f4a7c15ULL);
+}
+
+/* zipf over [0, n): inverse-CDF approximation for s close to 1 */
+static size_t zipf(struct thr *th, size_t n)
+{
+	double u = (double)(next(th) >> 11) / (double)(1ULL << 53);
+	double x = pow((double)n + 1.0, u) - 1.0; /* s = 1 */
+	size_t k = (size_t)x;
+	return k < n ? k : n - 1;
+}
+
+static void access_page(struct thr *th, size_t k)
+{
+	size_t idx = k * (size_t)nthreads + (size_t)th->t;
+	uint64_t *p, ver;
+	int r;
+
+	if (idx >= live_pages)
+		return;
+	p = (uint64_t *)(buf + idx * PAGE);
+	r = verify(p, idx, &ver);
+	if (r || ver != th->expect[k])
+		fail("read", idx, r ? r : -4, p);
+	__atomic_fetch_add(&checked, 1, __ATOMIC_RELAXED);
+	if ((int)(next(th) % 100) < write_pct) {
+		fill(p, idx, ver + 1);
+		th->expect[k] = ver + 1;
+	}
+}
+
+static void run_events(void);
+
+static void *worker(void *arg)
+{
+	struct thr *th = arg;
+	size_t own = (npages + (size_t)nthreads - 1) / (size_t)nthreads;
+	long i;
+
+	for (i = 0; i < ops; i++) {
+		size_t k;
+		if (i == ops / 2 && *events) {
+			pthread_barrier_wait(&bar);
+			if (th->t == 0)
+				run_events();
+			pthread_barrier_wait(&bar);
+			own = (live_pages + (size_t)nthreads - 1) / (size_t)nthreads;
+		}
+		if (!strcmp(pattern, "seq"))
+			k = (size_t)i % own;
+		else if (!strcmp(pattern, "zipf"))
+			k = (mix(zipf(th, own)) % own); /* hot pages scattered, not clustered */
+		else
+			k = next(th) % own;
+		access_page(th, k);
+	}
+	/* final full check of owned pages */
+	for (size_t k = 0; k < own; k++)
+		access_page(th, k);
+	return th;
+}
+
+static struct thr *threads;
+
+static void check_all(const char *what)
+{
+	for (int t = 0; t < nthreads; t++) {
+		size_t own = (npages + (size_t)nthreads - 1) / (size_t)nthreads;
+		for (size_t k = 0; k < own; k++) {
+			size_t idx = k * (size_t)nthreads + (size_t)t;
+			uint64_t ver;
+			int r;
+			if (idx >= live_pages)
+				continue;
+			r = verify((uint64_t *)(buf + idx * PAGE), idx, &ver);
+			if (r || ver != threads[t].expect[k])
+				fail(what, idx, r ? r : -4, (uint64_t *)(buf + idx * PAGE));
+		}
+	}
+}
+
+static void run_events(void)
+{
+	for (const char *e = events; *e; e++) {
+		switch (*e) {
+		case 'f': {
+			pid_t pid = fork();
+			if (pid == 0) {
+				check_all("fork child");
+				/* the child rewrites its copy: the parent's must not change */
+				for (size_t i = 0; i < live_pages; i += 7)
+					fill((uint64_t *)(buf + i * PAGE), i, 999999);
+				_exit(0);
+			}
+			int st = 0;
+			waitpid(pid, &st, 0);
+			if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+				fprintf(stderr, "MISMATCH fork child failed (status %d)\n", st);
+				_exit(1);
+			}
+			check_all("fork parent");
+			break;
+		}
+		case 'm': {
+			size_t cut = live_pages / 16;
+			if (munmap(buf + (live_pages - cut) * PAGE, cut * PAGE)) {
+				perror("munmap");
+				_exit(2);
+			}
+			live_pages -= cut;
+			check_all("munmap");
+			break;
+		}
+		case 'r': {
+			void *n = mremap(buf, live_pages * PAGE, live_pages * PAGE, MREMAP_MAYMOVE | MREMAP_FIXED,
+					 buf + npages * PAGE + (64 << 20));
+			if (n == MAP_FAILED) {
+				perror("mremap");
+				_exit(2);
+			}
+			buf = n;
+			check_all("mremap");
+			break;
+		}
+		case 'd': {
+			/* a slice of thread 0's pages is discarded: they must read as zeros */
+			size_t from = live_pages / 3, len = live_pages / 32;
+			madvise(buf + from * PAGE, len * PAGE, MADV_DONTNEED);
+			for (int t = 0; t < nthreads; t++)
+				for (size_t k = 0; k < (npages + nthreads - 1) / nthreads; k++) {
+					size_t idx = k * nthreads + t;
+					if (idx >= from && idx < from + len)
+						threads[t].expect[k] = 0;
+				}
+			check_all("madvise");
+			break;
+		}
+		}
+	}
+}
+
+int main(int argc, char **argv)
+{
+	if (argc < 6) {
+		fprintf(stderr, "usage: swaptest MiB PATTERN OPS THREADS WRITE%% [EVENTS]\n");
+		return 2;
+	}
+	npages = (size_t)atol(argv[1]) * 256;
+	pattern = argv[2];
+	ops = atol(argv[3]);
+	nthreads = atoi(argv[4]);
+	write_pct = atoi(argv[5]);
+	if (argc > 6)
+		events = argv[6];
+	/* reserve room after the buffer for the mremap event's destination */
+	buf = mmap(NULL, npages * PAGE + (64 << 20) + npages * PAGE, PROT_READ | PROT_WRITE,
+		   MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (buf == MAP_FAILED) {
+		perror("mmap");
+		return 2;
+	}
+	/* the tail stays reserved (PROT_NONE, not managed) for the mremap event */
+	mprotect(buf + npages * PAGE, (64 << 20) + npages * PAGE, PROT_NONE);
+	madvise(buf, npages * PAGE, MADV_NOHUGEPAGE);
+	live_pages = npages;
+	/* every page but one in 8 gets content (those stay zero until written) */
+	for (size_t i = 0; i < npages; i++)
+		if (i % 8 != 5)
+			fill((uint64_t *)(buf + i * PAGE), i, 1);
+	pthread_barrier_init(&bar, NULL, (unsigned)nthreads);
+	threads = calloc((size_t)nthreads, sizeof(*threads));
+	pthread_t *tid = calloc((size_t)nthreads, sizeof(*tid));
+	for (int t = 0; t < nthreads; t++) {
+		size_t own = (npages + (size_t)nthreads - 1) / (size_t)nthreads;
+		threads[t].t = t;
+		threads[t].rng = mix((uint64_t)t + 77);
+		threads[t].expect = calloc(own, sizeof(uint64_t));
+		for (size_t k = 0; k < own; k++) {
+			size_t idx = k * (size_t)nthreads + (size_t)t;
+			threads[t].expect[k] = (idx < npages && idx % 8 != 5) ? 1 : 0;
+		}
+	}
+	for (int t = 0; t < nthreads; t++) {
+		pthread_create(&tid[t], NULL, worker, &threads[t]);
+	}
+	for (int t = 0; t < nthreads; t++)
+		pthread_join(tid[t], NULL);
+	check_all("final");
+	printf("ok checked=%lu pages=%zu\n", (unsigned long)checked, live_pages);
+	return 0;
+}
