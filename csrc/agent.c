@@ -154,7 +154,7 @@ static int uffd_unregister(int fd, uint64_t start, uint64_t len)
 static int open_uffd(int *event_fork, uint64_t *features)
 {
 	const uint64_t base = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE |
-			      UFFD_FEATURE_EVENT_UNMAP;
+			      UFFD_FEATURE_EVENT_UNMAP | UFFD_FEATURE_THREAD_ID;
 	uint64_t want[4] = { base | UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_MOVE,
 			     base | UFFD_FEATURE_MOVE, base | UFFD_FEATURE_EVENT_FORK, base };
 	int i, err = -ENOSYS;
@@ -682,6 +682,9 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 static void *agent_main(void *arg)
 {
 	(void)arg;
+	/* who we are, so that our faults (the loader reads this thread's TLS vector and
+	 * link maps, which live in the managed heap) are never held at the memory limit */
+	send_msg(UF_A_THREAD, 0, 0, (int64_t)syscall(SYS_gettid), 0, 0, NULL, 0, -1);
 	for (;;) {
 		struct uf_agent_hdr *h;
 		int fd;

@@ -36,6 +36,8 @@ enum uf_agent_type {
 	UF_A_FENCE_END = 5,/* the fork is over: eviction may resume */
 	UF_A_KEPT = 6,     /* after a RECONNECT HELLO, one per kept fd: a = tag, fd attached */
 	UF_A_RELEASE = 7,  /* uffdio_agent_stop(): bring everything back, then send DETACH */
+	UF_A_THREAD = 9,   /* the agent thread started: a = its tid (the manager never makes it
+			    * wait at the memory limit: it must stay free to evict) */
 	UF_A_YIELD = 8,    /* the program registers [a, a+b) with its own uffd: bring its
 			    * pages back and forget them; answered with FENCE_ACK */
 

@@ -384,6 +384,7 @@ struct uf_pt {
 	uf_store *store;
 	struct uf_budget *budget;
 	int uffd, kick_fd, wp;
+	uint32_t exempt_tid; /* the agent thread: never held at the limit */
 	uint16_t epoch;
 
 	struct leafslot *tab;
@@ -605,6 +606,13 @@ void uf_pt_bind(uf_pt *pt, int uffd, int kick_fd)
 	pthread_mutex_lock(&pt->lock);
 	pt->uffd = uffd;
 	pt->kick_fd = kick_fd;
+	pthread_mutex_unlock(&pt->lock);
+}
+
+void uf_pt_exempt(uf_pt *pt, uint32_t tid)
+{
+	pthread_mutex_lock(&pt->lock);
+	pt->exempt_tid = tid;
 	pthread_mutex_unlock(&pt->lock);
 }
 
@@ -1230,12 +1238,15 @@ int64_t uf_pt_victims(uf_pt *pt, const uint64_t *present, size_t npresent, uint6
 }
 
 /* The resident pages of `regions` ((start, len) pairs) from the target's page map
- * (PAGEMAP_SCAN; pages mapping the shared zero page hold no memory and are left out).
+ * (PAGEMAP_SCAN; pages mapping the shared zero page hold no memory and are left out;
+ * pages shared with another process (after fork) are counted in *shared_out instead).
  * With pt and want > 0, also choose up to want victims among them as uf_pt_victims
  * does (pairs in out, their number in *nout).  Returns resident pages, or -errno. */
 int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nregions, uint64_t want,
-		   uint64_t *out, size_t max_out, int64_t *nout)
+		   uint64_t *out, size_t max_out, int64_t *nout, uint64_t *shared_out)
 {
+	uint64_t shared = 0, *pm = NULL;
+	size_t pmcap = 0;
 	enum { VEC = 4096 };
 	uint64_t *vec = malloc(VEC * 3 * sizeof(uint64_t)), *pres = NULL, resident = 0;
 	size_t npres = 0, cappres = 0, i;
@@ -1257,28 +1268,56 @@ int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nr
 			}
 			for (k = 0; k < n; k++) {
 				uint64_t s = vec[3 * k], e = vec[3 * k + 1];
+				size_t np_ = (e - s) / PG, j;
 				if (vec[3 * k + 2] & (1ULL << 5))
 					continue; /* the zero page */
-				resident += (e - s) / PG;
-				if (!pt || !want)
-					continue;
-				if (npres && pres[2 * (npres - 1)] + pres[2 * (npres - 1) + 1] == s) {
-					pres[2 * (npres - 1) + 1] += e - s;
-					continue;
-				}
-				if (npres == cappres) {
-					size_t nc = cappres ? cappres * 2 : 1024;
-					uint64_t *np = realloc(pres, nc * 2 * sizeof(uint64_t));
-					if (!np) {
+				/* pagemap bit 56: exclusively mapped.  A page shared after fork frees
+				 * nothing when zapped (and the kernel refuses to move it): it is
+				 * counted apart and never a victim */
+				if (np_ > pmcap) {
+					uint64_t *n2 = realloc(pm, np_ * sizeof(uint64_t));
+					if (!n2) {
 						rc = -ENOMEM;
 						break;
 					}
-					pres = np;
-					cappres = nc;
+					pm = n2;
+					pmcap = np_;
 				}
-				pres[2 * npres] = s;
-				pres[2 * npres + 1] = e - s;
-				npres++;
+				if (pread(pagemap_fd, pm, np_ * 8, (off_t)(s / PG * 8)) != (ssize_t)(np_ * 8)) {
+					for (j = 0; j < np_; j++)
+						pm[j] = 1ULL << 56; /* unknown: treat as exclusive */
+				}
+				for (j = 0; j < np_; j++) {
+					uint64_t a = s + j * PG;
+					if (!(pm[j] & (1ULL << 63)))
+						continue; /* gone meanwhile */
+					if (!(pm[j] & (1ULL << 56))) {
+						shared++;
+						continue;
+					}
+					resident++;
+					if (!pt || !want)
+						continue;
+					if (npres && pres[2 * (npres - 1)] + pres[2 * (npres - 1) + 1] == a) {
+						pres[2 * (npres - 1) + 1] += PG;
+						continue;
+					}
+					if (npres == cappres) {
+						size_t nc = cappres ? cappres * 2 : 1024;
+						uint64_t *n2 = realloc(pres, nc * 2 * sizeof(uint64_t));
+						if (!n2) {
+							rc = -ENOMEM;
+							break;
+						}
+						pres = n2;
+						cappres = nc;
+					}
+					pres[2 * npres] = a;
+					pres[2 * npres + 1] = PG;
+					npres++;
+				}
+				if (rc < 0)
+					break;
 			}
 			/* walk_end is not trusted (6.18 leaves it at internal flush points): a scan
 			 * that filled the vector continues after its last region; one that did not
@@ -1298,6 +1337,9 @@ int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nr
 	}
 	free(vec);
 	free(pres);
+	free(pm);
+	if (shared_out)
+		*shared_out = shared;
 	return rc < 0 ? rc : (int64_t)resident;
 }
 
@@ -1374,7 +1416,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 		pthread_mutex_unlock(&pt->lock);
 		return SWAP_PARK;
 	}
-	if (pt->budget && (s == UF_PG_EVICTED || wr)) {
+	if (pt->budget && (s == UF_PG_EVICTED || wr) && (uint32_t)m->c != pt->exempt_tid) {
 		int64_t lim = __atomic_load_n(&pt->budget->limit, __ATOMIC_RELAXED);
 		if (lim > 0 && __atomic_load_n(&pt->budget->resident, __ATOMIC_RELAXED) >= lim) {
 			pthread_mutex_unlock(&pt->lock);

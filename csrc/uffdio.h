@@ -175,6 +175,7 @@ void uf_pt_unref(uf_pt *pt);
 uf_pt *uf_pt_clone(uf_pt *pt);
 void uf_pt_attach(uf_pt *pt, int uffd, int kick_fd, int wp, uf_budget *budget);
 void uf_pt_tick(uf_pt *pt);
+void uf_pt_exempt(uf_pt *pt, uint32_t tid);
 void uf_pt_get_stats(uf_pt *pt, struct uf_pt_stats *out);
 int uf_pt_state(uf_pt *pt, uint64_t addr, uint64_t *slot_out);
 int64_t uf_pt_begin(uf_pt *pt, const uint64_t *ranges, size_t nranges, uint64_t max_pages,
@@ -189,7 +190,7 @@ int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t m
 int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,
 		  size_t nmoved, uint64_t buf, struct uf_commit *res, uint64_t *scratch_used);
 int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nregions, uint64_t want,
-		   uint64_t *out, size_t max_out, int64_t *nout);
+		   uint64_t *out, size_t max_out, int64_t *nout, uint64_t *shared_out);
 /* the engine serves faults from a page table (NULL: none); it holds a reference */
 int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget);
 uf_pt *uf_engine_pt(uf_engine *e);

@@ -26,6 +26,7 @@ A_FENCE_END = 5
 A_KEPT = 6
 A_RELEASE = 7
 A_YIELD = 8
+A_THREAD = 9
 # manager -> agent
 M_WELCOME = 16
 M_SCAN = 17

@@ -185,6 +185,8 @@ class ManagedProcess:
         self.unmanaged_reason: str | None = None
         self.exited = False
         self.resumed = False
+        #: the agent thread's tid (0 until it said so)
+        self.agent_tid = 0
         self._sock = sock
         self._seq = 0
         self._replies: dict[int, tuple[anyio.Event, list[P.Msg]]] = {}
@@ -1117,6 +1119,10 @@ class Manager:
                     tg.start_soon(proc._yield_range, msg.seq, msg.a, msg.b)
                 elif msg.type == P.A_RELEASE:
                     tg.start_soon(proc.release)
+                elif msg.type == P.A_THREAD:
+                    proc.agent_tid = msg.a
+                    if self.swap is not None:
+                        self.swap.exempt(proc)
                 elif msg.fd >= 0:
                     os.close(msg.fd)
         except OSError:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _constants as C
-from ._errors import UffdError, UffdProcessGone, check, error_for
+from ._errors import UffdError, UffdProcessGone, UffdUnsupportedError, check, error_for
 from ._lib import ffi, lib
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ class FileStore(Store):
             fd = os.open(path, flags | os.O_DIRECT, 0o600)
         except OSError as exc:
             if exc.errno == errno.EEXIST:
-                raise error_for(
+                raise UffdError(
                     errno.EEXIST, "store", f"{path} exists", "name a new file or a directory"
                 ) from None
             if exc.errno != errno.EINVAL:
@@ -208,6 +208,9 @@ class _Proc:
     pagemap: int = -1  # /proc/PID/pagemap, for PAGEMAP_SCAN
     staging: Any = None  # mmap of the scratch size: where moved pages are read to
     resident: int = 0  # pages, at the last scan
+    shared: int = 0  # resident pages shared with another process (after fork)
+    events: int = 0  # the engine's event count when the regions were last asked for
+    scanned: float = 0.0
 
     def close(self) -> None:
         if self.pagemap >= 0:
@@ -243,6 +246,7 @@ class Swap:
         self.manager: Manager | None = None
         self.peak_resident = 0
         self.last_resident = 0
+        self.last_shared = 0
         self.samples: list[tuple[float, int]] = []
         self.errors: list[str] = []
         self._retired_stats: dict[str, int] = {}
@@ -270,6 +274,16 @@ class Swap:
         except OSError:
             pm = -1  # exited already
         self.procs[proc.pid] = _Proc(proc, ffi.gc(pt, lib.uf_pt_unref), pm)
+        self.exempt(proc)
+
+    def exempt(self, proc: ManagedProcess) -> None:
+        """The agent thread's faults are never held at the limit (it must stay free to
+        move pages out); it reads its TLS vector and the loader's link maps, which live
+        in the managed heap."""
+        p = self.procs.get(proc.pid)
+        if p is not None and proc.agent_tid:
+            lib.uf_pt_exempt(p.pt, proc.agent_tid)
+            self._kick_all()
 
     def detach(self, proc: ManagedProcess) -> None:
         p = self.procs.pop(proc.pid, None)
@@ -306,18 +320,33 @@ class Swap:
             return 0
         regs = p.proc.regions
         arr = _pairs(regs)
-        n = lib.uf_pt_scan(p.pt, p.pagemap, arr, len(regs), want, out, MAX_VICTIM_RUNS, nout)
+        shared = ffi.new("uint64_t *")
+        n = lib.uf_pt_scan(
+            p.pt, p.pagemap, arr, len(regs), want, out, MAX_VICTIM_RUNS, nout, shared
+        )
         p.resident = max(0, n)
+        p.shared = int(shared[0])
         return p.resident
 
     async def measure(self) -> int:
         """Resident managed pages of every process, from the kernel's page map; also
         resynchronises the engine's count that the limit is enforced with."""
         total = 0
+        now = time.monotonic()
         for p in list(self.procs.values()):
+            # the registered regions change with the program's mmap/munmap/mremap: ask
+            # the agent again when the engine saw events, and at least every 0.25 s
+            ev = p.proc.uffd.statistics().get("events", 0) if p.proc.uffd is not None else 0
+            if (ev != p.events or now - p.scanned > 0.25) and not p.proc.exited:
+                p.events, p.scanned = ev, now
+                with contextlib.suppress(UffdError, OSError):
+                    await p.proc.scan()
             total += await anyio.to_thread.run_sync(self._scan, p)
         lib.uf_budget_set(self._budget, -1, total)
-        self.last_resident = total * PAGE
+        shared = sum(p.shared for p in self.procs.values())
+        # reported like RSS: pages shared after fork count in each process that maps them
+        self.last_resident = (total + shared) * PAGE
+        self.last_shared = shared * PAGE
         self.peak_resident = max(self.peak_resident, self.last_resident)
         managed = sum(sum(n for _, n in p.proc.regions) for p in self.procs.values()) // PAGE
         if managed:
@@ -334,9 +363,12 @@ class Swap:
         self._kick_all()
 
     def _kick_all(self) -> None:
-        for p in list(self.procs.values()):
-            if p.proc.uffd is not None and not p.proc.exited:
-                lib.uf_engine_kick(p.proc.uffd._engine_handle())
+        """Let faults parked at the limit look again (every engine of the manager: a fork
+        child is served before its agent has said hello)."""
+        if self.manager is None:
+            return
+        for e in self.manager._all_engines():
+            lib.uf_engine_kick(e)
 
     # -- eviction --
     async def evict(
@@ -350,7 +382,7 @@ class Swap:
         if p is None or proc.exited or proc.uffd is None or want <= 0:
             return 0
         if not proc.features & C.Feature.MOVE:
-            raise error_for(
+            raise UffdUnsupportedError(
                 errno.EOPNOTSUPP,
                 "evict",
                 "the agent's uffd has no UFFD_FEATURE_MOVE",
@@ -508,6 +540,7 @@ class Swap:
             "policy": self.policy.name,
             "resident_bytes": self.last_resident,
             "peak_resident_bytes": self.peak_resident,
+            "shared_resident_bytes": self.last_shared,
             "pages_evicted": tot.get("pages_out", 0),
             "pages_evicted_clean": tot.get("pages_out_clean", 0),
             "pages_evicted_zero": tot.get("pages_out_zero", 0),

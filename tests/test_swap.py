@@ -1,0 +1,409 @@
+"""Userspace swap (uffdio.swap): the C page table and stores, eviction and swap-in, the
+limit, and `uffdio run --limit`.  Real processes, real uffds, every byte checked."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import anyio
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import uffdio
+from uffdio import Manager
+from uffdio._lib import ffi, lib
+from uffdio.swap import FileStore, MemoryStore, Swap, open_store, parse_size
+
+from conftest import requires
+from test_manage import Prog
+
+PAGE = 4096
+PROGS = Path(__file__).parent / "progs"
+NONE, CLEAN, TRANSIT, EVICTED, ZERO = range(5)
+
+pytestmark = [pytest.mark.anyio, requires(uffdio.Feature.MOVE, root=True, kernel=(6, 8))]
+
+
+@pytest.fixture(scope="module")
+def swaptest(tmp_path_factory: pytest.TempPathFactory) -> str:
+    out = tmp_path_factory.mktemp("bin") / "swaptest"
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(PROGS / "swaptest.c"), "-lm"],
+        check=True,
+    )
+    return str(out)
+
+
+def states(sw: Swap, proc: uffdio.ManagedProcess, addr: int, n: int) -> list[int]:
+    pt = sw.procs[proc.pid].pt
+    slot = ffi.new("uint64_t *")
+    return [lib.uf_pt_state(pt, addr + i * PAGE, slot) for i in range(n)]
+
+
+def present(pid: int, addr: int, n: int) -> list[bool]:
+    with open(f"/proc/{pid}/pagemap", "rb") as f:
+        f.seek(addr // PAGE * 8)
+        data = f.read(8 * n)
+    return [bool(int.from_bytes(data[8 * i : 8 * i + 8], "little") >> 63) for i in range(n)]
+
+
+# ---- the API ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("store", ["memory", "file"])
+async def test_evict_swap_in_and_clean_re_eviction(store: str, tmp_path: Path) -> None:
+    """Evicted pages leave the target (page map), come back byte for byte; pages read back
+    and not written are evicted again without being read or stored (CLEAN); written ones
+    are stored again; all-zero pages are not stored."""
+    sw = Swap(store=FileStore(str(tmp_path)) if store == "file" else MemoryStore(), policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        addr_s, digest = (await prog.cmd("fill", 11)).split()
+        addr = int(addr_s)
+        await prog.cmd("zero", 0, 1 << 20)  # the first MiB: zeros (not stored)
+        await proc.scan()
+        region = [(addr, 8 << 20)]
+        n = await proc.evict(region)
+        npages = (8 << 20) // PAGE
+        assert n >= npages - 256  # zeroed pages were not resident, the rest went
+        assert not any(present(proc.pid, addr, npages))
+        s = states(sw, proc, addr + (1 << 20), npages - 256)
+        assert set(s) == {EVICTED}, set(s)
+        stored0 = sw.store.statistics()["puts"]
+        assert stored0 == npages - 256
+        zero_digest = await prog.cmd("digest", 0, 1 << 20)
+        assert await prog.cmd("iszero", 0, 1 << 20) == "1"
+        rest = await prog.cmd("digest", 1 << 20, 7 << 20)
+        # read back: CLEAN (write-protected, the store keeps the copy)
+        s = states(sw, proc, addr + (1 << 20), npages - 256)
+        assert set(s) == {CLEAN}, set(s)
+        await prog.cmd("write", 4 << 20, 1 << 20, 9)  # dirty one MiB
+        s = states(sw, proc, addr + (4 << 20), 256)
+        assert set(s) == {NONE}, set(s)
+        want = await prog.cmd("digest", 1 << 20, 7 << 20)
+        assert want != rest
+        st0 = sw.statistics()
+        await proc.evict(region)
+        st1 = sw.statistics()
+        # 6 MiB clean (evicted without a copy), 1 MiB written (stored again)
+        assert st1["pages_evicted_clean"] - st0["pages_evicted_clean"] == 6 * 256
+        assert sw.store.statistics()["puts"] - stored0 == 256
+        assert await prog.cmd("digest", 1 << 20, 7 << 20) == want
+        assert await prog.cmd("digest", 0, 1 << 20) == zero_digest
+        _ = digest
+        assert await prog.close() == 0
+    sw.close()
+
+
+async def test_madvise_munmap_mremap_fork_of_evicted_pages() -> None:
+    """The application's events on evicted pages: DONTNEED reads zeros (the copy is
+    dropped), munmap frees the copies, mremap finds them at the new address, a forked
+    child reads the parent's data and its writes stay its own."""
+    sw = Swap(policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        _, digest = (await prog.cmd("fill", 12)).split()
+        tail = await prog.cmd("digest", 6 << 20, 2 << 20)
+        await proc.scan()
+        await proc.evict()
+        child, status, parent = (await prog.cmd("fork")).split()
+        assert child == digest and status == "0" and parent == digest
+        await proc.evict()
+        assert await prog.cmd("zero", 0, 2 << 20) == "0"
+        assert await prog.cmd("iszero", 0, 2 << 20) == "1"
+        held = sw.store.statistics()["pages"]
+        assert await prog.cmd("munmap", 4 << 20, 4 << 20) == "0"
+        await anyio.sleep(0.1)
+        assert sw.store.statistics()["pages"] <= held - 1024  # the copies are gone
+        await proc.scan()
+        await proc.evict()
+        new = int(await prog.cmd("mremap", 64 << 20))
+        assert new
+        assert await prog.cmd("iszero", 0, 2 << 20) == "1"
+        assert await prog.cmd("iszero", 4 << 20, 60 << 20) == "1"
+        _ = tail
+        assert await prog.close() == 0
+    sw.close()
+
+
+async def test_release_brings_everything_back() -> None:
+    sw = Swap(policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        addr, digest = (await prog.cmd("fill", 13)).split()
+        await proc.scan()
+        await proc.evict()
+        await proc.release()
+        assert all(present(proc.pid, int(addr), (8 << 20) // PAGE))
+        assert await prog.cmd("digest") == digest
+        await prog.close()
+    sw.close()
+
+
+def test_bad_store_and_size_specs(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown store"):
+        open_store("tape:/dev/st0")
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+    assert parse_size("32M") == 32 << 20 and parse_size("1.5G") == 3 << 29
+    f = tmp_path / "taken"
+    f.write_text("x")
+    with pytest.raises(uffdio.UffdError, match="exists"):
+        FileStore(str(f))
+    fs = FileStore(str(tmp_path / "swap"))
+    assert oct(os.stat(fs.path).st_mode & 0o777) == "0o600"
+    fs.close()
+    assert not os.path.exists(tmp_path / "swap")
+
+
+# ---- the page state machine, by hypothesis ----------------------------------------------
+
+REGION_PAGES = 64
+
+
+class PageStates(RuleBasedStateMachine):
+    """A real target (pytarget.py) under a Manager with swap; rules evict, write, read,
+    discard ranges of its region in any order; the model is one byte per page (the
+    pattern a page was last written with, 0 = zeros).  After every step: the target's
+    bytes equal the model, no page is left in transit, an EVICTED/ZERO page is not
+    present and a CLEAN one is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.portal_cm = anyio.from_thread.start_blocking_portal()
+        self.portal = self.portal_cm.__enter__()
+        self.sw = Swap(policy="none")
+        self.m_cm = self.portal.wrap_async_context_manager(Manager(swap=self.sw))
+        self.m = self.m_cm.__enter__()
+        self.prog = Prog(self.m, REGION_PAGES * PAGE)
+        self.proc = self.portal.call(self.prog.spawned.process)
+        addr, _ = self.call("fill", 1).split()
+        self.addr = int(addr)
+        self.call("write", 0, REGION_PAGES * PAGE, 1)
+        self.model = [1] * REGION_PAGES
+        self.portal.call(self.proc.scan)
+
+    def call(self, *args: object) -> str:
+        return self.portal.call(self.prog.cmd, *args)
+
+    def teardown(self) -> None:
+        try:
+            self.call("exit")
+        finally:
+            self.m_cm.__exit__(None, None, None)
+            self.portal_cm.__exit__(None, None, None)
+            self.sw.close()
+
+    ranges = st.tuples(st.integers(0, REGION_PAGES - 1), st.integers(1, 16))
+
+    def _clip(self, r: tuple[int, int]) -> tuple[int, int]:
+        s, n = r
+        return s, min(n, REGION_PAGES - s)
+
+    @rule(r=ranges)
+    def evict(self, r: tuple[int, int]) -> None:
+        s, n = self._clip(r)
+        self.portal.call(self.proc.evict, [(self.addr + s * PAGE, n * PAGE)])
+
+    @rule(r=ranges, v=st.integers(1, 255))
+    def write(self, r: tuple[int, int], v: int) -> None:
+        s, n = self._clip(r)
+        self.call("write", s * PAGE, n * PAGE, v)
+        for i in range(s, s + n):
+            self.model[i] = v
+
+    @rule(r=ranges)
+    def discard(self, r: tuple[int, int]) -> None:
+        s, n = self._clip(r)
+        assert self.call("zero", s * PAGE, n * PAGE) == "0"
+        for i in range(s, s + n):
+            self.model[i] = 0
+
+    @rule(r=ranges)
+    def read(self, r: tuple[int, int]) -> None:
+        s, n = self._clip(r)
+        self.call("touch", s * PAGE, n * PAGE, PAGE)
+
+    @precondition(lambda self: True)
+    @invariant()
+    def consistent(self) -> None:
+        sts = states(self.sw, self.proc, self.addr, REGION_PAGES)
+        pres = present(self.proc.pid, self.addr, REGION_PAGES)
+        for i, (s, p) in enumerate(zip(sts, pres)):
+            assert s in (NONE, CLEAN, EVICTED, ZERO), (i, s)
+            if s in (EVICTED, ZERO):
+                assert not p, (i, s)
+            if s == CLEAN:
+                assert p, (i, s)
+
+    @invariant()
+    def bytes_match(self) -> None:
+        # the first byte of each page, read through the target (faults included)
+        got = self.call("touch", 0, REGION_PAGES * PAGE, PAGE)
+        assert int(got) == sum(self.model)
+
+
+TestPageStates = PageStates.TestCase
+TestPageStates.settings = settings(
+    max_examples=12,
+    stateful_step_count=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+# ---- uffdio run --limit -------------------------------------------------------------------
+
+
+def _managed_rss(pid: int) -> int | None:
+    """Resident bytes of the target's registered (uffd 'um') mappings, from smaps."""
+    try:
+        text = Path(f"/proc/{pid}/smaps").read_text()
+    except OSError:
+        return None
+    total = rss = 0
+    for line in text.splitlines():
+        if line.startswith("Rss:"):
+            rss = int(line.split()[1]) * 1024
+        elif line.startswith("VmFlags:") and " um" in line:
+            total += rss
+    return total
+
+
+def run_limited(
+    swaptest: str, tmp_path: Path, args: list[str], *opts: str, timeout: float = 240
+) -> tuple[dict, list[int], str]:
+    """`uffdio run` with options around swaptest; samples the target's managed RSS from
+    smaps every 20 ms while it runs.  Returns (stats, samples, stderr)."""
+    stats = tmp_path / "stats.json"
+    p = subprocess.Popen(
+        [sys.executable, "-m", "uffdio", "run", *opts, "--stats-json", str(stats), "--", swaptest, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    samples: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        pid = None
+        while not stop.is_set():
+            if pid is None:
+                out = subprocess.run(["pgrep", "-P", str(p.pid), "-x", "swaptest"], capture_output=True, text=True).stdout.split()
+                pid = int(out[0]) if out else None
+            if pid is not None:
+                v = _managed_rss(pid)
+                if v is None:
+                    break
+                samples.append(v)
+            time.sleep(0.02)
+
+    t = threading.Thread(target=sample)
+    t.start()
+    try:
+        out, err = p.communicate(timeout=timeout)
+    finally:
+        stop.set()
+        t.join()
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, (out, err)
+    assert out.startswith("ok "), (out, err)
+    return json.loads(stats.read_text()), samples, err
+
+
+SLACK = 8 << 20  # documented in README: what the program touches between two policy rounds
+
+
+@pytest.mark.parametrize("store", ["memory", "file"])
+@pytest.mark.parametrize("pattern", ["rand", "seq", "zipf"])
+def test_run_limit_holds_every_byte_checked(
+    swaptest: str, tmp_path: Path, pattern: str, store: str
+) -> None:
+    """256 MiB of data, 4 threads reading and writing (20 %) under a 32 MiB limit: every
+    page verified on every access and at the end, the limit held (smaps), the stats
+    JSON complete."""
+    spec = "memory" if store == "memory" else f"file:{tmp_path}"
+    stats, samples, _ = run_limited(
+        swaptest, tmp_path, ["256", pattern, "6000", "4", "20"], "--limit", "32M", "--store", spec
+    )
+    limit = 32 << 20
+    assert samples, "no smaps samples"
+    assert max(samples) <= limit + SLACK, (max(samples) >> 20, len(samples))
+    for key in (
+        "limit_bytes",
+        "peak_resident_bytes",
+        "final_resident_bytes",
+        "faults",
+        "pages_evicted",
+        "pages_swapped_in",
+        "store_bytes",
+        "fault_latency_us",
+        "metadata_bytes_per_page",
+    ):
+        assert key in stats, key
+    assert stats["limit_bytes"] == limit
+    assert stats["peak_resident_bytes"] <= limit + SLACK
+    assert stats["pages_evicted"] > (256 - 32) << 8 // 2
+    assert stats["pages_swapped_in"] > 0
+    assert stats["fault_latency_us"]["p50"] is not None
+    assert stats["fault_latency_us"]["p99"] is not None
+    assert 0 < stats["metadata_bytes_per_page"] <= 16
+    assert not stats["errors"]
+
+
+@pytest.mark.parametrize("events", ["f", "m", "r", "d"])
+def test_run_limit_with_fork_munmap_mremap_madvise(
+    swaptest: str, tmp_path: Path, events: str
+) -> None:
+    """Midway, with pages evicted: fork (the child verifies and rewrites its copy, the
+    parent's stays), munmap, mremap, madvise(DONTNEED) - every byte checked after."""
+    stats, samples, _ = run_limited(
+        swaptest, tmp_path, ["32", "rand", "8000", "2", "20", events], "--limit", "8M"
+    )
+    assert stats["pages_evicted"] > 0 and stats["pages_swapped_in"] > 0
+
+
+def test_file_store_that_fills_up(swaptest: str, tmp_path: Path) -> None:
+    """A swap file on a 4 MiB filesystem: ENOSPC leaves the pages resident (nothing
+    lost: the program's checks pass) and is reported."""
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        stats, _, err = run_limited(
+            swaptest, tmp_path, ["32", "rand", "4000", "2", "20"], "--limit", "8M", "--store", f"file:{mnt}"
+        )
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert any("No space left" in e for e in stats["errors"]), stats["errors"]
+    assert "No space left" in err
+    assert stats["store_errors"]["put"] > 0
+    assert stats["pages_evicted"] > 0  # what fitted was used
+
+
+def test_run_limit_bad_input(tmp_path: Path) -> None:
+    def run(*a: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "uffdio", "run", *a, "--", "true"], capture_output=True, text=True
+        )
+
+    r = run("--limit", "lots")
+    assert r.returncode != 0 and "not a size" in r.stderr
+    r = run("--limit", "32M", "--store", "tape:x")
+    assert r.returncode != 0 and "unknown store" in r.stderr
+    r = run("--limit", "32M", "--policy", "magic")
+    assert r.returncode != 0 and "unknown policy" in r.stderr
+    r = run("--limit", "100K")
+    assert r.returncode != 0 and "at least 1M" in r.stderr
