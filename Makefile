@@ -4,12 +4,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup demo test test-fast bench lint clean
+.PHONY: setup demo demo-faults test test-fast bench lint clean
 
 setup:
 	@bash scripts/bootstrap.sh
 
 demo: setup
+	$(PY) examples/swap_demo.py
+
+# the fault-handling demo of the foundation (coroutine and C resolver side by side)
+demo-faults: setup
 	$(PY) examples/demo.py
 
 test: setup

@@ -821,13 +821,17 @@ static void swap_fault(uf_engine *e, const struct uf_msg *m)
 		forward(e, m);
 		return;
 	}
-	report(e, rc, m->b, what);
 	if (what == UF_FAIL_STORE) {
 		/* the store could not give the page back: the thread keeps waiting (it must not
-		 * see zeros) and the read is tried again after the retry timer */
-		defer(e, m);
+		 * see zeros), the read is tried again at the next kick (the policy kicks every
+		 * round), and the failure is reported once per fault */
+		if (!m->reserved2)
+			report(e, rc, m->b, what);
+		((struct uf_msg *)m)->reserved2 = 1;
+		msg_push(e, &e->held, &e->nheld, &e->capheld, m);
 		return;
 	}
+	report(e, rc, m->b, what);
 	forward(e, m);
 }
 

@@ -469,15 +469,28 @@ int main(int argc, char **argv) {
     lib = Path(uffdio.agent.library_path())
     exe = tmp_path / "linked"
     subprocess.run(
-        ["gcc", "-O2", "-o", str(exe), str(src), f"-I{HERE.parent / 'csrc'}", str(lib),
-         f"-Wl,-rpath,{lib.parent}"],
+        [
+            "gcc",
+            "-O2",
+            "-o",
+            str(exe),
+            str(src),
+            f"-I{HERE.parent / 'csrc'}",
+            str(lib),
+            f"-Wl,-rpath,{lib.parent}",
+        ],
         check=True,
     )
 
     async def main() -> None:
         async with Manager(str(tmp_path / "m.sock")) as m:
-            p = subprocess.Popen([str(exe), m.socket_path], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, text=True, bufsize=1)
+            p = subprocess.Popen(
+                [str(exe), m.socket_path],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                bufsize=1,
+            )
             try:
                 with anyio.fail_after(30):
                     line = await anyio.to_thread.run_sync(p.stdout.readline, abandon_on_cancel=True)
@@ -550,8 +563,9 @@ def test_run_releases_descendants_that_outlive_the_command(tmp_path: Path) -> No
         f"{SYSTEM_PYTHON} {tmp_path / 'bg.py'} & "
         f"while [ ! -e {tmp_path / 'ready'} ]; do sleep 0.05; done; sleep 0.5"
     )
-    r = run(["run", "--churn", "0.05", "--stats-json", str(tmp_path / "s.json"), "--",
-             "sh", "-c", cmd])
+    r = run(
+        ["run", "--churn", "0.05", "--stats-json", str(tmp_path / "s.json"), "--", "sh", "-c", cmd]
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "s.json").read_text())["pages_evicted"] > 0
     deadline = time.monotonic() + 20

@@ -106,15 +106,18 @@ def _session(sid: int) -> list[str]:
             comm = stat[stat.index("(") : stat.rindex(")") + 1]
             wchan = (d / "wchan").read_text()
             threads = len(list((d / "task").iterdir()))
-            rows.append(f"  pid {d.name} ppid {fields[1]} {comm} state {fields[0]} "
-                        f"wchan {wchan} threads {threads}")
+            rows.append(
+                f"  pid {d.name} ppid {fields[1]} {comm} state {fields[0]} "
+                f"wchan {wchan} threads {threads}"
+            )
         except (OSError, ValueError, IndexError):
             continue
     return rows
 
 
-def run(argv: list[str], tmp_path: Path, *, stdin: Path | None = None,
-        timeout: float = TIMEOUT) -> Run:
+def run(
+    argv: list[str], tmp_path: Path, *, stdin: Path | None = None, timeout: float = TIMEOUT
+) -> Run:
     """Run ``argv`` in a session of its own, output into files.  A hang fails (the session is
     killed), and so does a command that exits leaving processes of its session behind (a
     manager that died under its program)."""
@@ -122,8 +125,15 @@ def run(argv: list[str], tmp_path: Path, *, stdin: Path | None = None,
     tag = f"{Path(argv[0]).name}-{time.monotonic_ns()}"
     out, err = tmp_path / f"{tag}.stdout", tmp_path / f"{tag}.stderr"
     with open(stdin or os.devnull, "rb") as fin, open(out, "wb") as fo, open(err, "wb") as fe:
-        p = subprocess.Popen(argv, stdin=fin, stdout=fo, stderr=fe, env=_env(tmp_path),
-                             cwd=tmp_path, start_new_session=True)
+        p = subprocess.Popen(
+            argv,
+            stdin=fin,
+            stdout=fo,
+            stderr=fe,
+            env=_env(tmp_path),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
     try:
         code = p.wait(timeout=timeout)
         problem = ""
@@ -169,8 +179,10 @@ def _first_difference(a: bytes, b: bytes) -> str:
     n = min(len(a), len(b))
     i = next((k for k in range(n) if a[k] != b[k]), n)
     line = a.count(b"\n", 0, i) + 1
-    return (f"sizes {len(a)} vs {len(b)}, first difference at byte {i} (line {line}): "
-            f"{a[max(0, i - 60) : i + 60]!r} vs {b[max(0, i - 60) : i + 60]!r}")
+    return (
+        f"sizes {len(a)} vs {len(b)}, first difference at byte {i} (line {line}): "
+        f"{a[max(0, i - 60) : i + 60]!r} vs {b[max(0, i - 60) : i + 60]!r}"
+    )
 
 
 def assert_same(base: Run, got: Run, mode: str, *, min_processes: int = 1) -> dict[str, Any]:
@@ -178,8 +190,10 @@ def assert_same(base: Run, got: Run, mode: str, *, min_processes: int = 1) -> di
     assert base.code == 0, f"the bare run failed ({base.status()}): {base.tail()}"
     st = got.stats
     assert st is not None
-    why = (f"uffdio run ({mode}) {got.label()}: {got.status()} (bare: {base.status()}), "
-           f"{got.seconds:.1f} s (bare {base.seconds:.1f} s)\nuffdio stderr (tail):\n{got.tail()}")
+    why = (
+        f"uffdio run ({mode}) {got.label()}: {got.status()} (bare: {base.status()}), "
+        f"{got.seconds:.1f} s (bare {base.seconds:.1f} s)\nuffdio stderr (tail):\n{got.tail()}"
+    )
     assert got.code == base.code, why
     assert got.stdout == base.stdout, (
         f"stdout differs: {_first_difference(base.stdout, got.stdout)}\n{why}"

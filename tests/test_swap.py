@@ -13,17 +13,16 @@ from pathlib import Path
 
 import anyio
 import pytest
+from conftest import requires
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from test_manage import Prog
 
 import uffdio
 from uffdio import Manager
 from uffdio._lib import ffi, lib
 from uffdio.swap import FileStore, MemoryStore, Swap, open_store, parse_size
-
-from conftest import requires
-from test_manage import Prog
 
 PAGE = 4096
 PROGS = Path(__file__).parent / "progs"
@@ -240,7 +239,7 @@ class PageStates(RuleBasedStateMachine):
     def consistent(self) -> None:
         sts = states(self.sw, self.proc, self.addr, REGION_PAGES)
         pres = present(self.proc.pid, self.addr, REGION_PAGES)
-        for i, (s, p) in enumerate(zip(sts, pres)):
+        for i, (s, p) in enumerate(zip(sts, pres, strict=True)):
             assert s in (NONE, CLEAN, EVICTED, ZERO), (i, s)
             if s in (EVICTED, ZERO):
                 assert not p, (i, s)
@@ -288,7 +287,18 @@ def run_limited(
     smaps every 20 ms while it runs.  Returns (stats, samples, stderr)."""
     stats = tmp_path / "stats.json"
     p = subprocess.Popen(
-        [sys.executable, "-m", "uffdio", "run", *opts, "--stats-json", str(stats), "--", swaptest, *args],
+        [
+            sys.executable,
+            "-m",
+            "uffdio",
+            "run",
+            *opts,
+            "--stats-json",
+            str(stats),
+            "--",
+            swaptest,
+            *args,
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -300,7 +310,9 @@ def run_limited(
         pid = None
         while not stop.is_set():
             if pid is None:
-                out = subprocess.run(["pgrep", "-P", str(p.pid), "-x", "swaptest"], capture_output=True, text=True).stdout.split()
+                out = subprocess.run(
+                    ["pgrep", "-P", str(p.pid), "-x", "swaptest"], capture_output=True, text=True
+                ).stdout.split()
                 pid = int(out[0]) if out else None
             if pid is not None:
                 v = _managed_rss(pid)
@@ -383,7 +395,13 @@ def test_file_store_that_fills_up(swaptest: str, tmp_path: Path) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
     try:
         stats, _, err = run_limited(
-            swaptest, tmp_path, ["32", "rand", "4000", "2", "20"], "--limit", "8M", "--store", f"file:{mnt}"
+            swaptest,
+            tmp_path,
+            ["32", "rand", "4000", "2", "20"],
+            "--limit",
+            "8M",
+            "--store",
+            f"file:{mnt}",
         )
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
@@ -396,7 +414,9 @@ def test_file_store_that_fills_up(swaptest: str, tmp_path: Path) -> None:
 def test_run_limit_bad_input(tmp_path: Path) -> None:
     def run(*a: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "uffdio", "run", *a, "--", "true"], capture_output=True, text=True
+            [sys.executable, "-m", "uffdio", "run", *a, "--", "true"],
+            capture_output=True,
+            text=True,
         )
 
     r = run("--limit", "lots")
@@ -407,3 +427,76 @@ def test_run_limit_bad_input(tmp_path: Path) -> None:
     assert r.returncode != 0 and "unknown policy" in r.stderr
     r = run("--limit", "100K")
     assert r.returncode != 0 and "at least 1M" in r.stderr
+
+
+async def test_sequential_faults_read_ahead() -> None:
+    """A sequential walk over evicted pages is served with read-ahead: fewer faults than
+    pages, and the read-ahead pages are installed like any other (CLEAN)."""
+    sw = Swap(policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 8 << 20)
+        proc = await prog.spawned.process()
+        addr, digest = (await prog.cmd("fill", 14)).split()
+        await proc.scan()
+        await proc.evict([(int(addr), 8 << 20)])
+        before = sw.statistics()
+        assert await prog.cmd("digest") == digest  # reads the region front to back
+        after = sw.statistics()
+        ins = after["pages_swapped_in"] - before["pages_swapped_in"]
+        ahead = after["pages_read_ahead"] - before["pages_read_ahead"]
+        faults = after["faults"]["swap_in"] - before["faults"]["swap_in"]
+        assert ins >= (8 << 20) // PAGE
+        assert ahead > ins // 2, (ahead, ins)
+        assert faults < ins // 2, (faults, ins)
+        await prog.close()
+    sw.close()
+
+
+def test_pressure_policy_shrinks_the_limit(swaptest: str, tmp_path: Path) -> None:
+    """--policy pressure: with little stall the limit is lowered step by step below the
+    ceiling given by --limit; the data stays intact."""
+    stats, _, _ = run_limited(
+        swaptest,
+        tmp_path,
+        ["64", "zipf", "30000", "2", "20"],
+        "--limit",
+        "64M",
+        "--policy",
+        "pressure",
+    )
+    assert stats["policy"] == "pressure"
+    assert stats["limit_bytes"] < 64 << 20, stats["limit_bytes"]
+    assert stats["pages_evicted"] > 0
+
+
+def test_examples_swap_demo_and_custom_policy(swaptest: str, tmp_path: Path) -> None:
+    """The main demo (small) and the user-policy example run and check their data."""
+    ex = Path(__file__).parent.parent / "examples"
+    r = subprocess.run(
+        [sys.executable, str(ex / "swap_demo.py"), "--mib", "32", "--limit", "8M", "--ops", "3000"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "no byte lost" in r.stdout
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ex / "custom_policy.py"),
+            "--limit",
+            "8M",
+            "--",
+            swaptest,
+            "32",
+            "rand",
+            "6000",
+            "2",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("ok ") and "squeeze: exit 0" in r.stderr

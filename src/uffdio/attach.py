@@ -315,7 +315,7 @@ class AttachedProcess(ManagedProcess):
                     words += [a, ln]
         return words
 
-    async def _op_move(self, triples: list[int]) -> tuple[Sequence[int], int]:
+    async def _op_move(self, triples: Sequence[int]) -> tuple[Sequence[int], int]:
         moved: list[int] = []
         skipped = 0
         todo = []

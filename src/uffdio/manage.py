@@ -234,7 +234,9 @@ class ManagedProcess:
         try:
             await P.send(
                 self._sock,
-                P.pack(type, 0, seq, a, 0, 0, words if isinstance(words, array.array) else list(words)),
+                P.pack(
+                    type, 0, seq, a, 0, 0, words if isinstance(words, array.array) else list(words)
+                ),
                 fd,
             )
             with anyio.fail_after(timeout):
@@ -268,7 +270,7 @@ class ManagedProcess:
         check(r.a, "uffdio agent scan", f"pid {self.pid}")
         return r.words
 
-    async def _op_move(self, triples: list[int]) -> tuple[Sequence[int], int]:
+    async def _op_move(self, triples: Sequence[int]) -> tuple[Sequence[int], int]:
         """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped)."""
         r = await self.request(P.M_MOVE, triples)
         if r.a < 0:

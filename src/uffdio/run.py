@@ -215,11 +215,15 @@ async def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
                     # the kernel's own account: ru_maxrss of CMD (and descendants it waited
                     # for), all of its memory, managed or not
                     "peak_rss_bytes": int(prog.rusage.ru_maxrss) * 1024 if prog.rusage else None,
-                    "peak_resident_bytes": int(prog.rusage.ru_maxrss) * 1024 if prog.rusage else None,
+                    "peak_resident_bytes": int(prog.rusage.ru_maxrss) * 1024
+                    if prog.rusage
+                    else None,
                 },
             )
             if sw is not None:
+                total_faults = summary["faults"]
                 summary.update(sw.statistics())
+                summary["faults"]["total"] = total_faults  # every fault the engines served
                 summary["final_resident_bytes"] = final
                 summary["managed_memory_note"] = (
                     "resident_bytes, peak_resident_bytes and final_resident_bytes count the "
@@ -244,6 +248,10 @@ def _make_swap(args: argparse.Namespace) -> Any:
         return Swap(store=args.store or "memory", limit=limit, policy=args.policy)
     except ValueError as exc:
         raise SystemExit(f"uffdio run: {exc}") from None
+
+
+def _total(faults: Any) -> Any:
+    return faults["total"] if isinstance(faults, dict) else faults
 
 
 def _mib(n: int | None) -> str:
@@ -276,7 +284,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(
             f"uffdio: {summary['command'][0]} exited {code}; {summary['processes']} process(es), "
-            f"{summary['faults']} faults served, {summary['pages_evicted']} pages evicted, "
+            f"{_total(summary['faults'])} faults served, {summary['pages_evicted']} pages evicted, "
             f"peak RSS {(summary['peak_resident_bytes'] or 0) >> 20} MiB",
             file=sys.stderr,
         )

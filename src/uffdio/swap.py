@@ -48,7 +48,7 @@ from ._lib import ffi, lib
 
 if TYPE_CHECKING:
     from ._lib import CData
-    from .manage import Manager, ManagedProcess
+    from .manage import ManagedProcess, Manager
 
 PAGE = 4096
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
@@ -169,7 +169,9 @@ def open_store(spec: str) -> Store:
             try:
                 accel = int(spec.split(":", 1)[1])
             except ValueError:
-                raise ValueError(f"--store {spec}: memory:N takes an LZ4 acceleration (1-65537)")
+                raise ValueError(
+                    f"--store {spec}: memory:N takes an LZ4 acceleration (1-65537)"
+                ) from None
         return MemoryStore(accel)
     if spec.startswith("file:"):
         rest = spec[5:]
@@ -310,9 +312,7 @@ class Swap:
         self.store.close()
 
     # -- measurements --
-    def _scan(
-        self, p: _Proc, want: int = 0, out: CData = ffi.NULL, nout: CData = ffi.NULL
-    ) -> int:
+    def _scan(self, p: _Proc, want: int = 0, out: CData = ffi.NULL, nout: CData = ffi.NULL) -> int:
         """Resident pages of p's registered regions (PAGEMAP_SCAN in C); with ``want``,
         also the victims (pairs in ``out``, their number in ``nout[0]``)."""
         if p.proc.exited or p.proc.uffd is None or p.pagemap < 0:
@@ -587,7 +587,15 @@ class Swap:
             pass
 
 
-_NOT_SUMMED = {"epoch", "readahead_window", "pages_clean", "pages_transit", "pages_evicted", "pages_zero", "table_bytes"}
+_NOT_SUMMED = {
+    "epoch",
+    "readahead_window",
+    "pages_clean",
+    "pages_transit",
+    "pages_evicted",
+    "pages_zero",
+    "table_bytes",
+}
 C_LAT_BUCKETS = 64
 
 
@@ -595,13 +603,18 @@ class StoreFull(UffdError):
     """The store refused pages (ENOSPC, EIO...): those pages stayed resident."""
 
     def __init__(self, err: int, evicted: int) -> None:
-        super().__init__(-err, "store", f"the store refused pages: {os.strerror(-err)}", "give the store more room (file:PATH,max=SIZE) or use --store memory")
+        super().__init__(
+            -err,
+            "store",
+            f"the store refused pages: {os.strerror(-err)}",
+            "give the store more room (file:PATH,max=SIZE) or use --store memory",
+        )
         self.evicted = evicted
 
 
 def bucket_low(b: int) -> float:
     p, f = divmod(b, 4)
-    return (2**p) * (1 + f / 4) - 1
+    return float(2**p) * (1 + f / 4) - 1
 
 
 def latency_percentiles(hist: list[int]) -> dict[str, float | None]:
@@ -698,7 +711,11 @@ class PressurePolicy(LimitPolicy):
     name = "pressure"
 
     def __init__(
-        self, target: float = 0.01, step: float = 0.02, period: float = 0.5, min_bytes: int = 4 << 20
+        self,
+        target: float = 0.01,
+        step: float = 0.02,
+        period: float = 0.5,
+        min_bytes: int = 4 << 20,
     ) -> None:
         super().__init__()
         self.target, self.stepf, self.period, self.min_bytes = target, step, period, min_bytes
@@ -752,7 +769,11 @@ class NoPolicy(Policy):
             await anyio.sleep(0.5)
 
 
-POLICIES: dict[str, type[Policy]] = {"limit": LimitPolicy, "pressure": PressurePolicy, "none": NoPolicy}
+POLICIES: dict[str, type[Policy]] = {
+    "limit": LimitPolicy,
+    "pressure": PressurePolicy,
+    "none": NoPolicy,
+}
 
 
 def make_policy(name: str | None) -> Policy:
