@@ -84,6 +84,15 @@ struct uf_store {
 	int kind, users; /* users: the creator and every page table */
 	pthread_mutex_t lock;
 	int accel;
+	/* external: reference counts by key (open addressing; key 0 = empty, refs 0 =
+	 * deleted) and the keys whose last reference went, for the owner to discard */
+	struct extref {
+		uint64_t key;
+		uint32_t refs;
+	} *ext;
+	size_t next, cap_ext, used_ext;
+	uint64_t *gone;
+	size_t ngone, capgone;
 	/* file */
 	uint16_t *refs;
 	uint64_t nslots, capslots, cursor, max_slots;
@@ -93,6 +102,7 @@ struct uf_store {
 	struct uf_store_stats st;
 };
 
+static uint64_t hash64(uint64_t k);
 static void st_lock(uf_store *s) { pthread_mutex_lock(&s->lock); }
 static void st_unlock(uf_store *s) { pthread_mutex_unlock(&s->lock); }
 
@@ -147,6 +157,94 @@ uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err)
 	return s;
 }
 
+uf_store *uf_store_external(int *err)
+{
+	uf_store *s = calloc(1, sizeof(*s));
+
+	if (!s) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	s->kind = UF_STORE_EXTERNAL;
+	s->users = 1;
+	s->fd = -1;
+	pthread_mutex_init(&s->lock, NULL);
+	*err = 0;
+	return s;
+}
+
+static struct extref *ext_find(uf_store *s, uint64_t key, int create)
+{
+	size_t i, mask;
+
+	if (create && (s->used_ext + 1) * 2 > s->cap_ext) {
+		size_t nc = s->cap_ext ? s->cap_ext * 2 : 1024, j;
+		struct extref *nt = calloc(nc, sizeof(*nt));
+		if (!nt)
+			return NULL;
+		s->used_ext = 0;
+		for (j = 0; j < s->cap_ext; j++) {
+			if (!s->ext[j].key || !s->ext[j].refs)
+				continue;
+			for (i = hash64(s->ext[j].key) & (nc - 1); nt[i].key; i = (i + 1) & (nc - 1))
+				;
+			nt[i] = s->ext[j];
+			s->used_ext++;
+		}
+		free(s->ext);
+		s->ext = nt;
+		s->cap_ext = nc;
+	}
+	if (!s->cap_ext)
+		return NULL;
+	mask = s->cap_ext - 1;
+	for (i = hash64(key) & mask;; i = (i + 1) & mask) {
+		if (s->ext[i].key == key)
+			return &s->ext[i];
+		if (!s->ext[i].key) {
+			if (!create)
+				return NULL;
+			s->ext[i].key = key;
+			s->ext[i].refs = 0;
+			s->used_ext++;
+			return &s->ext[i];
+		}
+	}
+}
+
+/* Keys whose last reference went (the owner discards them).  Returns how many. */
+int64_t uf_store_take_discarded(uf_store *s, uint64_t *out, size_t max)
+{
+	size_t n;
+
+	st_lock(s);
+	n = s->ngone < max ? s->ngone : max;
+	memcpy(out, s->gone + (s->ngone - n), n * sizeof(uint64_t));
+	s->ngone -= n;
+	st_unlock(s);
+	return (int64_t)n;
+}
+
+/* An external store's new handle (one reference), for key (1 .. 2^44 - 1). */
+int uf_store_external_add(uf_store *s, uint64_t key)
+{
+	struct extref *r;
+
+	if (!key || key >= (1ULL << 44))
+		return -EINVAL;
+	st_lock(s);
+	r = ext_find(s, key, 1);
+	if (r) {
+		r->refs++;
+		s->st.slots_used++;
+		s->st.puts++;
+		s->st.bytes_in += PG;
+		s->st.bytes_stored += PG;
+	}
+	st_unlock(s);
+	return r ? 0 : -ENOMEM;
+}
+
 /* Blobs still referenced when the store is freed belong to page tables that were
  * freed first (they drop their references), so nothing is left here but the file. */
 void uf_store_free(uf_store *s)
@@ -154,6 +252,8 @@ void uf_store_free(uf_store *s)
 	if (!s || __atomic_sub_fetch(&s->users, 1, __ATOMIC_ACQ_REL) > 0)
 		return;
 	free(s->refs);
+	free(s->ext);
+	free(s->gone);
 	free(s->bounce);
 	if (s->ring_ok)
 		io_uring_queue_exit(&s->ring);
@@ -216,6 +316,23 @@ static void slot_put_ref(uf_store *s, uint64_t h)
 			s->st.discards++;
 			free(hd);
 		}
+	} else if (s->kind == UF_STORE_EXTERNAL) {
+		struct extref *r = ext_find(s, h >> 4, 0);
+		if (r && r->refs && --r->refs == 0) {
+			s->st.bytes_stored -= PG;
+			s->st.slots_used--;
+			s->st.discards++;
+			if (s->ngone == s->capgone) {
+				size_t nc = s->capgone ? s->capgone * 2 : 1024;
+				uint64_t *ng = realloc(s->gone, nc * sizeof(*ng));
+				if (ng) {
+					s->gone = ng;
+					s->capgone = nc;
+				}
+			}
+			if (s->ngone < s->capgone)
+				s->gone[s->ngone++] = h >> 4;
+		}
 	} else {
 		uint64_t k = h >> 4;
 		if (k && k <= s->nslots && s->refs[k - 1] && --s->refs[k - 1] == 0) {
@@ -230,9 +347,13 @@ static void slot_get_ref(uf_store *s, uint64_t h)
 {
 	if (!h)
 		return;
-	if (s->kind == UF_STORE_MEMORY)
+	if (s->kind == UF_STORE_MEMORY) {
 		mem_hdr(h)[1]++;
-	else if ((h >> 4) && (h >> 4) <= s->nslots)
+	} else if (s->kind == UF_STORE_EXTERNAL) {
+		struct extref *r = ext_find(s, h >> 4, 0);
+		if (r)
+			r->refs++;
+	} else if ((h >> 4) && (h >> 4) <= s->nslots)
 		s->refs[(h >> 4) - 1]++;
 }
 
@@ -252,6 +373,8 @@ int64_t uf_store_put(uf_store *s, const void *pages, size_t n, uint64_t *handles
 	size_t i, k;
 	int64_t err = 0;
 
+	if (s->kind == UF_STORE_EXTERNAL)
+		return -EOPNOTSUPP; /* its owner stores the pages */
 	st_lock(s);
 	if (s->kind == UF_STORE_MEMORY) {
 		char tmp[LZ4_COMPRESSBOUND(4096)];
@@ -332,6 +455,8 @@ int uf_store_get(uf_store *s, uint64_t h, void *out)
 
 	if (!h)
 		return -EINVAL;
+	if (s->kind == UF_STORE_EXTERNAL)
+		return -EOPNOTSUPP;
 	if (s->kind == UF_STORE_MEMORY) {
 		/* a blob is immutable while referenced, and the caller holds a reference
 		 * through its page table entry: no lock needed */
@@ -400,6 +525,10 @@ struct uf_pt {
 	size_t nlog, caplog;
 	uf_pt **kids; /* forked while the batch was in flight */
 	size_t nkids;
+	/* an external store's batch between collect and commit */
+	uint64_t *pend_moved, *pend_read;
+	size_t pend_nmoved, pend_nread;
+	int pend_ok;
 
 	/* read-ahead */
 	uint64_t last_fault, ra_window;
@@ -586,6 +715,8 @@ void uf_pt_unref(uf_pt *pt)
 	free(pt->tab);
 	free(pt->runs);
 	free(pt->log);
+	free(pt->pend_moved);
+	free(pt->pend_read);
 	uf_store_free(pt->store);
 	pthread_mutex_destroy(&pt->lock);
 	free(pt);
@@ -1006,6 +1137,31 @@ static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *
  * Pages moved but neither read nor clean were holes.  Pages whose store put fails
  * are installed back from buf (the eviction of those pages is aborted; nothing is
  * lost) and res->put_error says why.  Faults waiting on the batch are then woken. */
+/* The batch offsets of pages to put: read, TRANSIT without a store copy, not dropped,
+ * not all zeros (lock held).  Returns how many. */
+static size_t pages_to_put(uf_pt *pt, const uint64_t *read, size_t nread, uint64_t buf, uint64_t *putoff,
+			   size_t max)
+{
+	size_t nput = 0;
+
+	FOR_BATCH_PAGES(pt, idx, addr) {
+		uint64_t off = idx * PG, v = ent_get(pt, translate(pt, addr));
+		if (!in_pairs(read, nread, off) || E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
+			continue;
+		if (E_SLOT(v))
+			continue;
+		if (is_zero((void *)(uintptr_t)(buf + off)))
+			continue;
+		if (nput < max)
+			putoff[nput++] = off;
+	}
+	return nput;
+}
+
+static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
+		       uint64_t buf, const uint64_t *putoff, const uint64_t *slots, size_t nput, int64_t stored,
+		       int rc, struct uf_commit *res);
+
 int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
 		 uint64_t buf, struct uf_commit *res)
 {
@@ -1025,23 +1181,13 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 		npages += pt->runs[2 * i + 1] / PG;
 	slots = calloc(npages ? npages : 1, sizeof(*slots));
 	putoff = calloc(npages ? npages : 1, sizeof(*putoff));
-	if (!slots || !putoff) {
-		rc = -ENOMEM;
-		npages = 0; /* everything is restored below */
-	}
-	/* 1. pages to put: read, not zero, not clean, not dropped - gathered contiguously */
-	if (rc == 0) {
-		FOR_BATCH_PAGES(pt, idx, addr) {
-			uint64_t off = idx * PG, v = ent_get(pt, translate(pt, addr));
-			if (!in_pairs(read, nread, off) || E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
-				continue;
-			if (E_SLOT(v))
-				continue;
-			if (is_zero((void *)(uintptr_t)(buf + off)))
-				continue;
-			putoff[nput++] = off;
-		}
-	}
+	if (!slots || !putoff)
+		rc = -ENOMEM; /* everything is restored */
+	else if (pt->store->kind == UF_STORE_EXTERNAL && nread)
+		rc = -EINVAL; /* an external store's pages are put by its owner: commit_external */
+	/* 1. pages to put, gathered contiguously */
+	if (rc == 0)
+		nput = pages_to_put(pt, read, nread, buf, putoff, npages);
 	if (nput) {
 		/* compact into batch order at the front of a scratch copy: the store takes a
 		 * contiguous array; the memory store compresses page by page anyway */
@@ -1069,6 +1215,78 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 			}
 		}
 	}
+	rc = commit_core(pt, moved, nmoved, read, nread, buf, putoff, slots, nput, stored, rc, res);
+	free(slots);
+	free(putoff);
+	return rc;
+}
+
+/* External stores (written by their owner, e.g. in Python): after uf_pt_collect
+ * returned 1, the pages to put are named by uf_pt_pending_put; the owner stores them and
+ * commits with the handles it got (nstored of nput; put_error if fewer). */
+int64_t uf_pt_pending_put(uf_pt *pt, uint64_t buf, uint64_t *putoff, size_t max)
+{
+	size_t n;
+
+	pthread_mutex_lock(&pt->lock);
+	if (!pt->batch || !pt->pend_ok) {
+		pthread_mutex_unlock(&pt->lock);
+		return -EINVAL;
+	}
+	n = pages_to_put(pt, pt->pend_read, pt->pend_nread, buf, putoff, max);
+	pthread_mutex_unlock(&pt->lock);
+	return (int64_t)n;
+}
+
+int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const uint64_t *keys,
+			  size_t nput, size_t nstored, int put_error, struct uf_commit *res)
+{
+	uint64_t *mo, *rd, *hs;
+	size_t nmo, nrd, i;
+	int rc;
+
+	memset(res, 0, sizeof(*res));
+	pthread_mutex_lock(&pt->lock);
+	if (!pt->batch) {
+		pthread_mutex_unlock(&pt->lock);
+		return -EINVAL;
+	}
+	mo = pt->pend_moved;
+	rd = pt->pend_read;
+	nmo = pt->pend_ok ? pt->pend_nmoved : 0;
+	nrd = pt->pend_ok ? pt->pend_nread : 0;
+	pt->pend_moved = pt->pend_read = NULL;
+	pt->pend_ok = 0;
+	res->put_error = put_error;
+	/* the owner's keys become handles with one reference each (the put's) */
+	hs = calloc(nput ? nput : 1, sizeof(*hs));
+	if (!hs) {
+		nstored = 0;
+		rc = -ENOMEM;
+	}
+	for (i = 0; hs && i < nstored; i++) {
+		if (uf_store_external_add(pt->store, keys[i]) < 0) {
+			nstored = i; /* a bad key: this page and the rest stay resident */
+			res->put_error = -EINVAL;
+			break;
+		}
+		hs[i] = keys[i] << 4;
+	}
+	rc = commit_core(pt, mo ? mo : putoff, nmo, rd ? rd : putoff, nrd, buf, putoff, hs ? hs : putoff, nput,
+			 (int64_t)nstored, hs ? 0 : -ENOMEM, res);
+	free(hs);
+	free(mo);
+	free(rd);
+	return rc;
+}
+
+/* Steps 2 and 3 of a commit (pt->lock held on entry, released on return). */
+static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
+		       uint64_t buf, const uint64_t *putoff, const uint64_t *slots, size_t nput, int64_t stored,
+		       int rc, struct uf_commit *res)
+{
+	size_t i, k;
+
 	/* 2. decide every page, in this table and in children forked meanwhile */
 	k = 0;
 	FOR_BATCH_PAGES(pt, idx, addr) {
@@ -1147,8 +1365,6 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 		for (i = 0; i < pt->nruns; i++)
 			uf_wake(pt->uffd, pt->runs[2 * i], pt->runs[2 * i + 1]);
 	kick(pt);
-	free(slots);
-	free(putoff);
 	return rc;
 }
 
@@ -1429,6 +1645,10 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 			return SWAP_PARK;
 		}
 	}
+	if (s == UF_PG_EVICTED && pt->store->kind == UF_STORE_EXTERNAL) {
+		pthread_mutex_unlock(&pt->lock);
+		return SWAP_PASS; /* its owner reads it (uf_pt_install) */
+	}
 	if (s == UF_PG_EVICTED) {
 		uint64_t ra[UF_RA_MAX], nra = 0, i, mode;
 		int64_t got;
@@ -1564,7 +1784,9 @@ int64_t uf_pt_fill_all(uf_pt *pt)
 			uint64_t *e = &pt->tab[i].ents[j], v = *e, done = 0;
 			uint64_t addr = ((pt->tab[i].key - 1) << LEAF_SHIFT | j) * PG;
 			int s = E_STATE(v);
-			if (s == UF_PG_EVICTED) {
+			if (s == UF_PG_EVICTED && pt->store->kind == UF_STORE_EXTERNAL) {
+				continue; /* its owner brings these back (uf_pt_list, uf_pt_install) */
+			} else if (s == UF_PG_EVICTED) {
 				rc = uf_store_get(pt->store, E_SLOT(v), b);
 				if (rc == 0)
 					rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)b, PG, 0, &done);
@@ -1729,6 +1951,21 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 			}
 		}
 	}
+	if (pt->store->kind == UF_STORE_EXTERNAL) {
+		/* the owner puts the pages: keep what the commit needs, return 1 */
+		pthread_mutex_lock(&pt->lock);
+		free(pt->pend_moved);
+		free(pt->pend_read);
+		pt->pend_moved = mo;
+		pt->pend_nmoved = nmoved;
+		pt->pend_read = need;
+		pt->pend_nread = need ? (size_t)nneed : 0;
+		pt->pend_ok = 1;
+		pthread_mutex_unlock(&pt->lock);
+		mo = need = NULL;
+		rc = 1;
+		goto out;
+	}
 	rc = uf_pt_commit(pt, mo, nmoved, need ? need : mo, need ? (size_t)nneed : 0, buf, res);
 out:
 	free(mo);
@@ -1737,4 +1974,73 @@ out:
 	free(loc);
 	free(rem);
 	return rc;
+}
+
+/* An external store's page, read by its owner after a forwarded fault: installed at
+ * addr if the entry is still EVICTED with this key (read faults write-protected, keeping
+ * the copy: CLEAN).  Returns 1 installed, 0 not needed any more (the threads waiting on
+ * addr are woken and fault again if the page is still missing), -errno on failure. */
+int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int write)
+{
+	uint64_t v, done = 0, mode;
+	uint64_t *e;
+	int rc;
+
+	addr &= ~(PG - 1);
+	pthread_mutex_lock(&pt->lock);
+	e = ent_at(pt, addr, 0);
+	v = e ? *e : 0;
+	if (E_STATE(v) != UF_PG_EVICTED || E_SLOT(v) != (key << 4)) {
+		pthread_mutex_unlock(&pt->lock);
+		uf_wake(pt->uffd, addr, PG);
+		return 0;
+	}
+	mode = (pt->wp && !write) ? UFFDIO_COPY_MODE_WP : 0;
+	rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, mode, &done);
+	if (rc == -EINVAL && mode) {
+		mode = 0;
+		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, 0, &done);
+	}
+	if (rc == 0) {
+		if (mode) {
+			ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
+		} else {
+			st_lock(pt->store);
+			slot_put_ref(pt->store, E_SLOT(v));
+			st_unlock(pt->store);
+			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+		}
+		pt->st.swapins++;
+		budget_add(pt->budget, 1);
+		st_lock(pt->store);
+		pt->store->st.gets++;
+		st_unlock(pt->store);
+	}
+	pthread_mutex_unlock(&pt->lock);
+	if (rc == -EEXIST || rc == -ENOENT || rc == -ESRCH)
+		return 0;
+	return rc < 0 ? rc : 1;
+}
+
+/* (address, key) of every page in `state` (EVICTED: an external store's pages to bring
+ * back at release).  Returns the number of pairs (at most max). */
+int64_t uf_pt_list(uf_pt *pt, int state, uint64_t *out, size_t max)
+{
+	size_t i, j, n = 0;
+
+	pthread_mutex_lock(&pt->lock);
+	for (i = 0; i < pt->ntab && n < max; i++) {
+		if (!pt->tab[i].key)
+			continue;
+		for (j = 0; j < LEAF_N && n < max; j++) {
+			uint64_t v = pt->tab[i].ents[j];
+			if (E_STATE(v) != state || !v)
+				continue;
+			out[2 * n] = ((pt->tab[i].key - 1) << LEAF_SHIFT | j) * PG;
+			out[2 * n + 1] = E_SLOT(v) >> 4;
+			n++;
+		}
+	}
+	pthread_mutex_unlock(&pt->lock);
+	return (int64_t)n;
 }

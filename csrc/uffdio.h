@@ -132,7 +132,7 @@ size_t uf_rules_count(uf_engine *e);
 /* ---- userspace swap (swap.c): stores, page tables, eviction commit ---------------
  * Page states (uf_pt_state): */
 enum { UF_PG_NONE = 0, UF_PG_CLEAN = 1, UF_PG_TRANSIT = 2, UF_PG_EVICTED = 3, UF_PG_ZERO = 4 };
-enum { UF_STORE_MEMORY = 1, UF_STORE_FILE = 2 };
+enum { UF_STORE_MEMORY = 1, UF_STORE_FILE = 2, UF_STORE_EXTERNAL = 3 };
 enum { UF_LAT_BUCKETS = 64, UF_RA_MAX = 32 };
 typedef struct uf_store uf_store;
 typedef struct uf_pt uf_pt;
@@ -162,6 +162,9 @@ void uf_store_get_stats(uf_store *s, struct uf_store_stats *out);
 int64_t uf_store_put(uf_store *s, const void *pages, size_t n, uint64_t *handles_out);
 int uf_store_get(uf_store *s, uint64_t handle, void *out);
 void uf_store_unref(uf_store *s, uint64_t handle);
+uf_store *uf_store_external(int *err);
+int uf_store_external_add(uf_store *s, uint64_t key);
+int64_t uf_store_take_discarded(uf_store *s, uint64_t *out, size_t max);
 
 uf_budget *uf_budget_new(int64_t limit_pages, int notify_fd);
 void uf_budget_free(uf_budget *b);
@@ -186,6 +189,11 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 int64_t uf_pt_victims(uf_pt *pt, const uint64_t *present, size_t npresent, uint64_t want, uint64_t *out,
 		      size_t max_out);
 int64_t uf_pt_fill_all(uf_pt *pt);
+int64_t uf_pt_pending_put(uf_pt *pt, uint64_t buf, uint64_t *putoff, size_t max);
+int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const uint64_t *keys,
+			  size_t nput, size_t nstored, int put_error, struct uf_commit *res);
+int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int write);
+int64_t uf_pt_list(uf_pt *pt, int state, uint64_t *out, size_t max);
 int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t max);
 int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,
 		  size_t nmoved, uint64_t buf, struct uf_commit *res, uint64_t *scratch_used);

@@ -22,7 +22,7 @@ from test_manage import Prog
 import uffdio
 from uffdio import Manager
 from uffdio._lib import ffi, lib
-from uffdio.swap import FileStore, MemoryStore, Swap, open_store, parse_size
+from uffdio.swap import FileStore, MemoryStore, PyStore, Swap, open_store, parse_size
 
 PAGE = 4096
 PROGS = Path(__file__).parent / "progs"
@@ -143,10 +143,19 @@ async def test_release_brings_everything_back() -> None:
         addr, digest = (await prog.cmd("fill", 13)).split()
         await proc.scan()
         await proc.evict()
+        # half comes back as CLEAN (write-protected), half stays evicted
+        await prog.cmd("digest", 0, 4 << 20)
         await proc.release()
         assert all(present(proc.pid, int(addr), (8 << 20) // PAGE))
         assert await prog.cmd("digest") == digest
-        await prog.close()
+        # nothing is left write-protected or registered: writes just work
+        await prog.cmd("write", 0, 8 << 20, 5)
+        assert await prog.cmd("digest") != digest
+        smaps = Path(f"/proc/{prog.spawned.pid}/smaps").read_text()
+        assert not any(
+            " um" in ln or " uw" in ln for ln in smaps.splitlines() if ln.startswith("VmFlags")
+        )
+        assert await prog.close() == 0
     sw.close()
 
 
@@ -500,3 +509,78 @@ def test_examples_swap_demo_and_custom_policy(swaptest: str, tmp_path: Path) -> 
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ok ") and "squeeze: exit 0" in r.stderr
+
+
+class DictStore(PyStore):
+    """A store written in Python, as a user would: pages in a dict.  It can be told to
+    fail reads (the next N) or writes (with an errno)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pages: dict[int, bytes] = {}
+        self.next_key = 1
+        self.fail_gets = 0
+        self.put_errno = 0
+        self.discarded: list[int] = []
+
+    async def put(self, pages: memoryview) -> list[int]:
+        if self.put_errno:
+            raise OSError(self.put_errno, os.strerror(self.put_errno))
+        keys = []
+        for i in range(0, len(pages), PAGE):
+            self.pages[self.next_key] = bytes(pages[i : i + PAGE])
+            keys.append(self.next_key)
+            self.next_key += 1
+        return keys
+
+    async def get(self, key: int) -> bytes:
+        if self.fail_gets:
+            self.fail_gets -= 1
+            raise OSError(5, "Input/output error (test)")
+        return self.pages[key]
+
+    async def discard(self, keys: list[int]) -> None:
+        for k in keys:
+            del self.pages[k]
+        self.discarded.extend(keys)
+
+
+async def test_python_store_put_get_discard_and_failures() -> None:
+    """A store written in Python (PyStore): pages go through its put/get/discard; a read
+    that fails makes the thread wait (no zeros) until a retry succeeds, and is reported; a
+    put that fails leaves the pages resident; release brings its pages back."""
+    store = DictStore()
+    sw = Swap(store=store, policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 4 << 20)
+        proc = await prog.spawned.process()
+        addr_s, digest = (await prog.cmd("fill", 21)).split()
+        region = [(int(addr_s), 4 << 20)]
+        await proc.scan()
+        n = await proc.evict(region)
+        assert n == 1024 and len(store.pages) == 1024
+        assert not any(present(proc.pid, int(addr_s), 1024))
+        store.fail_gets = 5  # the first reads fail: the program waits, then continues
+        assert await prog.cmd("digest") == digest
+        assert any("retrying" in e for e in sw.errors), sw.errors
+        # written pages are stored again; the old copies are discarded
+        await prog.cmd("write", 0, 1 << 20, 3)
+        want = await prog.cmd("digest")
+        await proc.evict(region)
+        await sw.measure()  # drains discards
+        assert len(store.discarded) >= 256
+        assert await prog.cmd("digest") == want
+        # a failing put: nothing is evicted, nothing lost
+        await prog.cmd("write", 0, 4 << 20, 4)
+        want = await prog.cmd("digest")
+        store.put_errno = 28
+        with pytest.raises(uffdio.UffdError, match="No space left"):
+            await proc.evict(region)
+        assert all(present(proc.pid, int(addr_s), 1024))
+        assert await prog.cmd("digest") == want
+        store.put_errno = 0
+        await proc.evict(region)
+        await proc.release()
+        assert await prog.cmd("digest") == want
+        assert await prog.close() == 0
+    sw.close()

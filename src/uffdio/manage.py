@@ -449,14 +449,16 @@ class ManagedProcess:
             return 0
         e = self.uffd._engine_handle()
         deadline = time.monotonic() + 30
-        sw = self.manager.swap.procs.get(self.pid) if self.manager.swap is not None else None
-        if sw is not None:
+        sw_all = self.manager.swap
+        sw = sw_all.procs.get(self.pid) if sw_all is not None else None
+        if sw_all is not None and sw is not None:
             while True:
                 rc = await anyio.to_thread.run_sync(lib.uf_pt_fill_all, sw.pt)
                 if rc != -errno.EAGAIN or time.monotonic() > deadline:
                     break
                 await anyio.sleep(0.001)
             check(rc, "swap in", f"pid {self.pid}")
+            await sw_all.swap_in_external(self)  # a Python store's pages
         while True:
             rc = await anyio.to_thread.run_sync(lib.uf_rules_fill_all, e)
             if rc != -errno.EAGAIN or time.monotonic() > deadline:

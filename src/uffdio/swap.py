@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from .manage import ManagedProcess, Manager
 
 PAGE = 4096
+EVICTED = 3  # page state (csrc/uffdio.h UF_PG_EVICTED)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
 
@@ -159,6 +160,40 @@ class FileStore(Store):
 
     def describe(self) -> str:
         return f"file:{self.path}"
+
+
+class PyStore(Store):
+    """A store written in Python: subclass and implement the three coroutines.
+
+    ``put(pages)`` gets a memoryview of n x 4096 bytes and returns n keys (ints from 1 to
+    2**44 - 1; fewer means the rest could not be stored: those pages stay resident) or
+    raises OSError (none stored; the errno is reported).  ``get(key)`` returns the 4096
+    bytes; if it raises, the faulting thread keeps waiting (it never sees zeros), the
+    error is reported and the read is tried again 20 ms later.  ``discard(keys)`` is told
+    of keys no page refers to any more.  Faults on its pages are served by a coroutine
+    (the engine hands them to Python); everything else stays in C."""
+
+    kind = "python"
+
+    def __init__(self) -> None:
+        err = ffi.new("int *")
+        h = lib.uf_store_external(err)
+        if h == ffi.NULL:
+            check(err[0], "store", "creating an external store")
+        super().__init__(h)
+        self.get_failures = 0
+
+    async def put(self, pages: memoryview) -> list[int]:
+        raise NotImplementedError
+
+    async def get(self, key: int) -> bytes:
+        raise NotImplementedError
+
+    async def discard(self, keys: list[int]) -> None:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        return f"python:{type(self).__name__}"
 
 
 def open_store(spec: str) -> Store:
@@ -277,6 +312,77 @@ class Swap:
             pm = -1  # exited already
         self.procs[proc.pid] = _Proc(proc, ffi.gc(pt, lib.uf_pt_unref), pm)
         self.exempt(proc)
+        if isinstance(self.store, PyStore):
+            proc.uffd.on_fault(self._on_fault)
+
+    async def _on_fault(self, batch: Any) -> None:
+        """Faults on pages of a Python store (the engine forwards them): read, install."""
+        assert isinstance(self.store, PyStore)
+        e = batch.uffd._engine_handle()
+        pt = lib.uf_engine_pt(e)
+        if pt == ffi.NULL:
+            for f in batch:
+                lib.uf_wake(batch.uffd.fileno(), f.address & ~(PAGE - 1), PAGE)
+            return
+        pt = ffi.gc(pt, lib.uf_pt_unref)
+        slot = ffi.new("uint64_t *")
+        for f in batch:
+            addr = f.address & ~(PAGE - 1)
+            reported = False
+            while True:
+                if lib.uf_pt_state(pt, addr, slot) != EVICTED:
+                    lib.uf_wake(batch.uffd.fileno(), addr, PAGE)  # decided meanwhile
+                    break
+                key = int(slot[0]) >> 4
+                try:
+                    data = await self.store.get(key)
+                    if len(data) != PAGE:
+                        raise OSError(errno.EIO, f"get({key}) returned {len(data)} bytes")
+                except Exception as exc:  # the thread waits; never zeros
+                    self.store.get_failures += 1
+                    if not reported:
+                        reported = True
+                        self._error(f"store read of page {addr:#x} failed ({exc!r}): retrying")
+                    await anyio.sleep(0.02)
+                    continue
+                lib.uf_pt_install(pt, addr, key, ffi.from_buffer(data), int(f.is_write))
+                break
+
+    def _error(self, msg: str) -> None:
+        if msg not in self.errors[-5:]:
+            self.errors.append(msg)
+            del self.errors[:-20]
+
+    async def _discard(self) -> None:
+        if not isinstance(self.store, PyStore):
+            return
+        out = ffi.new("uint64_t[]", 4096)
+        while True:
+            n = lib.uf_store_take_discarded(self.store._h, out, 4096)
+            if n <= 0:
+                return
+            keys = [int(out[i]) for i in range(n)]
+            try:
+                await self.store.discard(keys)
+            except Exception as exc:
+                self._error(f"store discard failed ({exc!r})")
+
+    async def swap_in_external(self, proc: ManagedProcess) -> int:
+        """Bring back the pages of proc that a Python store holds (release)."""
+        p = self.procs.get(proc.pid)
+        if p is None or not isinstance(self.store, PyStore):
+            return 0
+        out = ffi.new("uint64_t[]", 2 * 65536)
+        total = 0
+        while True:
+            n = lib.uf_pt_list(p.pt, EVICTED, out, 65536)
+            if n <= 0:
+                return total
+            for i in range(n):
+                addr, key = int(out[2 * i]), int(out[2 * i + 1])
+                data = await self.store.get(key)
+                if check(lib.uf_pt_install(p.pt, addr, key, ffi.from_buffer(data), 1), "swap in"):
+                    total += 1
 
     def exempt(self, proc: ManagedProcess) -> None:
         """The agent thread's faults are never held at the limit (it must stay free to
@@ -331,6 +437,7 @@ class Swap:
     async def measure(self) -> int:
         """Resident managed pages of every process, from the kernel's page map; also
         resynchronises the engine's count that the limit is enforced with."""
+        await self._discard()
         total = 0
         now = time.monotonic()
         for p in list(self.procs.values()):
@@ -458,7 +565,9 @@ class Swap:
             res,
             used,
         )
-        if rc < 0:
+        if rc == 1:  # a Python store: it puts the pages, then we commit
+            await self._put_external(p, buf, res)
+        elif rc < 0:
             # the moved pages could not be read: put them back where they came from (the
             # agent moves them), then let every page of the batch go back to its state
             back = array.array("Q")
@@ -488,6 +597,38 @@ class Swap:
                 del self.errors[:-20]
             raise StoreFull(res.put_error, int(res.evicted))
         return int(res.evicted), nxt
+
+    async def _put_external(self, p: _Proc, buf: int, res: CData) -> None:
+        assert isinstance(self.store, PyStore)
+        cap = p.proc.scratch_len // PAGE
+        offs = ffi.new("uint64_t[]", cap)
+        n = check(lib.uf_pt_pending_put(p.pt, buf, offs, cap), "evict: pending put")
+        keys: list[int] = []
+        err = 0
+        try:
+            if n:
+                pages = bytearray(n * PAGE)
+                view = memoryview(p.staging)
+                for i in range(n):
+                    o = int(offs[i])
+                    pages[i * PAGE : (i + 1) * PAGE] = view[o : o + PAGE]
+                keys = list(await self.store.put(memoryview(pages)))[:n]
+        except OSError as exc:
+            keys, err = [], -(exc.errno or errno.EIO)
+        except Exception:
+            keys, err = [], -errno.EIO
+        except BaseException:  # cancelled: every page goes back, nothing is lost
+            lib.uf_pt_commit_external(p.pt, buf, offs, offs, n, 0, -errno.ECANCELED, res)
+            raise
+        if len(keys) < n and not err:
+            err = -errno.ENOSPC
+        kc = ffi.new("uint64_t[]", max(1, len(keys)))
+        for i, k in enumerate(keys):
+            kc[i] = k
+        check(
+            lib.uf_pt_commit_external(p.pt, buf, offs, kc, n, len(keys), err, res),
+            "evict: commit",
+        )
 
     # -- statistics --
     @staticmethod
