@@ -463,18 +463,19 @@ async def test_sequential_faults_read_ahead() -> None:
 
 def test_pressure_policy_shrinks_the_limit(swaptest: str, tmp_path: Path) -> None:
     """--policy pressure: with little stall the limit is lowered step by step below the
-    ceiling given by --limit; the data stays intact."""
+    ceiling given by --limit (here already below the program's 64 MiB, so eviction starts
+    at once); the data stays intact."""
     stats, _, _ = run_limited(
         swaptest,
         tmp_path,
         ["64", "zipf", "30000", "2", "20"],
         "--limit",
-        "64M",
+        "48M",
         "--policy",
         "pressure",
     )
     assert stats["policy"] == "pressure"
-    assert stats["limit_bytes"] < 64 << 20, stats["limit_bytes"]
+    assert stats["limit_bytes"] < 48 << 20, stats["limit_bytes"]
     assert stats["pages_evicted"] > 0
 
 
@@ -584,3 +585,26 @@ async def test_python_store_put_get_discard_and_failures() -> None:
         assert await prog.cmd("digest") == want
         assert await prog.close() == 0
     sw.close()
+
+
+@pytest.mark.parametrize("with_swap", [True, False], ids=["swap", "plain"])
+async def test_cancelled_evictions_lose_nothing(with_swap: bool) -> None:
+    """Evictions cancelled at random moments (a policy's timeout, a task group ending):
+    a begun batch completes, so no page is left moved out behind the books' back (it
+    would read as zeros)."""
+    import random
+
+    sw = Swap(policy="none") if with_swap else None
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 16 << 20)
+        proc = await prog.spawned.process()
+        _, digest = (await prog.cmd("fill", 31)).split()
+        await proc.scan()
+        rnd = random.Random(5)
+        for _ in range(25):
+            with anyio.move_on_after(rnd.uniform(0, 0.004)):
+                await proc.evict()
+            assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0
+    if sw is not None:
+        sw.close()

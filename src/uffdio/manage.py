@@ -365,12 +365,20 @@ class ManagedProcess:
                     s += take
                     n -= take
                     if used == cap:
-                        total += await self._evict_batch(batch, used)
+                        total += await self._evict_batch_shielded(batch, used)
                         batch, used = [], 0
             if batch:
-                total += await self._evict_batch(batch, used)
+                total += await self._evict_batch_shielded(batch, used)
         self.manager._gc()
         return total
+
+    async def _evict_batch_shielded(self, runs: list[tuple[int, int]], nbytes: int) -> int:
+        # A begun batch runs to its end: cancelling the wait for the agent's MOVE reply
+        # would not stop the agent, and pages it moved after we dropped the holds would
+        # read as zeros.
+        with anyio.CancelScope(shield=True):
+            pages = await self._evict_batch(runs, nbytes)
+        return pages
 
     async def _evict_batch(self, runs: list[tuple[int, int]], nbytes: int) -> int:
         assert self.uffd is not None

@@ -545,6 +545,17 @@ class Swap:
         buf = int(ffi.cast("uintptr_t", ffi.from_buffer(p.staging)))
         res = ffi.new("struct uf_commit *")
         empty = ffi.new("uint64_t[2]")
+        # Once begun, a batch runs to its end: a cancelled wait for the agent's MOVE
+        # reply would not stop the agent from moving the pages, and pages moved out
+        # behind the table's back would read as zeros.
+        with anyio.CancelScope(shield=True):
+            done = await self._batch_finish(p, triples, buf, res, empty, nxt)
+        return done
+
+    async def _batch_finish(
+        self, p: _Proc, triples: array.array[int], buf: int, res: CData, empty: CData, nxt: int
+    ) -> tuple[int, int]:
+        proc = p.proc
         try:
             moved_words, skipped = await proc._op_move(triples)
         except BaseException:
