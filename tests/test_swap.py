@@ -462,20 +462,20 @@ async def test_sequential_faults_read_ahead() -> None:
 
 
 def test_pressure_policy_shrinks_the_limit(swaptest: str, tmp_path: Path) -> None:
-    """--policy pressure: with little stall the limit is lowered step by step below the
-    ceiling given by --limit (here already below the program's 64 MiB, so eviction starts
-    at once); the data stays intact."""
+    """--policy pressure: the limit starts from what the program uses and moves with the
+    stall uffdio measures, below the ceiling given by --limit; pages get evicted; the
+    data stays intact."""
     stats, _, _ = run_limited(
         swaptest,
         tmp_path,
-        ["64", "zipf", "30000", "2", "20"],
+        ["64", "zipf", "60000", "2", "20"],
         "--limit",
-        "48M",
+        "96M",
         "--policy",
         "pressure",
     )
     assert stats["policy"] == "pressure"
-    assert stats["limit_bytes"] < 48 << 20, stats["limit_bytes"]
+    assert stats["limit_bytes"] < 96 << 20, stats["limit_bytes"]
     assert stats["pages_evicted"] > 0
 
 

@@ -885,9 +885,13 @@ class PressurePolicy(LimitPolicy):
         return sum(c * (bucket_low(b) + bucket_low(b + 1)) / 2 for b, c in enumerate(hist))
 
     async def run(self, swap: Swap) -> None:
-        ceiling = swap.limit
-        if swap.limit is None:
-            swap.set_limit(max(self.min_bytes, await swap.measure() * PAGE))
+        ceiling = swap.limit  # --limit: never above it
+        # start from what the program uses once it runs (like senpai, from current usage)
+        while not swap.procs:  # noqa: ASYNC110 - the manager adds processes
+            await anyio.sleep(0.05)
+        await anyio.sleep(self.period)
+        used = await swap.measure() * PAGE
+        swap.set_limit(max(self.min_bytes, used if ceiling is None else min(ceiling, used)))
         last_t, last_stall = time.monotonic(), self._stall_us(swap)
         while True:
             await self.step(swap)
