@@ -43,6 +43,8 @@ UFFDIO = [sys.executable, "-m", "uffdio"]
 TIMEOUT = 60.0
 CHURN = "0.02"
 MODES = ["churn", "plain"]
+#: `--limit` runs: small enough that these programs must lose pages to the store
+LIMIT = "12M"
 
 
 # ---- running things ---------------------------------------------------------------------
@@ -164,6 +166,8 @@ def managed(argv: list[str], tmp_path: Path, mode: str, **kw: Any) -> Run:
     """``uffdio run [--churn 0.02] -- argv``, with its statistics JSON loaded."""
     stats = tmp_path / f"stats-{mode}-{time.monotonic_ns()}.json"
     churn = ["--churn", CHURN] if mode == "churn" else []
+    if mode == "limit":  # userspace swap: resident managed memory kept under LIMIT
+        churn = ["--limit", LIMIT]
     r = run([*UFFDIO, "run", "-q", "--stats-json", str(stats), *churn, "--", *argv], tmp_path, **kw)
     try:
         r.stats = json.loads(stats.read_text())
@@ -199,11 +203,15 @@ def assert_same(base: Run, got: Run, mode: str, *, min_processes: int = 1) -> di
         f"stdout differs: {_first_difference(base.stdout, got.stdout)}\n{why}"
     )
     assert st["exit_code"] == base.code, why
-    assert st["faults"] > 0, f"no fault was served: not managed?\n{why}"
+    faults = st["faults"]["total"] if isinstance(st["faults"], dict) else st["faults"]
+    assert faults > 0, f"no fault was served: not managed?\n{why}"
     assert st["processes"] >= min_processes, f"{st['processes']} processes managed\n{why}"
     assert st["refused"] == [], why
     if mode == "churn":
         assert st["pages_evicted"] > 0 and st["evictions"] > 0, f"nothing was evicted\n{why}"
+    elif mode == "limit":
+        assert st["pages_evicted"] > 0 and st["pages_swapped_in"] > 0, f"no swapping\n{why}"
+        assert not st["errors"], why
     else:
         assert st["pages_evicted"] == 0, why
     assert st["unmanaged"] == [], f"processes left unmanaged: {st['unmanaged']}\n{why}"
@@ -438,6 +446,7 @@ def _lines(path: Path, nbytes: int, seed: int) -> Path:
     [
         pytest.param([], "churn", id="default-churn"),
         pytest.param(["-S", "64M", "--parallel=2"], "churn", id="S64M-parallel2-churn"),
+        pytest.param(["-S", "64M", "--parallel=2"], "limit", id="S64M-parallel2-limit"),
         pytest.param([], "plain", id="default-plain"),
     ],
 )
@@ -499,7 +508,7 @@ def _dump_digest(sqlite3: str, db: Path, tmp_path: Path) -> str:
     return hashlib.sha256(r.stdout).hexdigest()
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", [*MODES, "limit"])
 def test_sqlite3(tmp_path, mode):
     """The sqlite3 shell builds a 200,000-row database (recursive CTE, indexes, aggregates, a
     join, VACUUM) and prints the same results under management; the database file and its
