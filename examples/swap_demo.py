@@ -70,8 +70,8 @@ def main() -> int:
         st = json.loads(stats.read_text())
     lat = st["fault_latency_us"]
     print(
-        f"\n{args.mib} MiB of data, limit {st['limit_bytes'] >> 20} MiB: managed resident peak "
-        f"{st['peak_resident_bytes'] / (1 << 20):.1f} MiB\n"
+        f"\n{args.mib} MiB of data, limit {st['limit_bytes'] >> 20} MiB, {st['wall_s']} s:"
+        f" managed resident peak {st['peak_resident_bytes'] / (1 << 20):.1f} MiB\n"
         f"pages evicted {st['pages_evicted']} ({st['pages_evicted_clean']} clean, without a copy;"
         f" {st['pages_evicted_zero']} all-zero, not stored), swapped in {st['pages_swapped_in']}"
         f" ({st['pages_read_ahead']} read ahead)\n"
