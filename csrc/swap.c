@@ -1296,6 +1296,9 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 		uint64_t slot = 0;
 		if (wasread)
 			data = (void *)(uintptr_t)(buf + off);
+		int is_put = k < nput && putoff[k] == off;
+		if (is_put)
+			k++; /* whatever the branch below: the put list advances with the batch */
 		if (rc < 0) {
 			out = OUT_RESTORE;
 		} else if (!in_pairs(moved, nmoved, off)) {
@@ -1304,14 +1307,15 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 			out = OUT_EVICTED; /* clean: evicted without reading or writing */
 			slot = E_SLOT(v);
 			res->clean++;
-		} else if (k < nput && putoff[k] == off) {
-			if (k < (size_t)stored) {
+		} else if (is_put) {
+			if (k - 1 < (size_t)stored) {
 				out = OUT_EVICTED;
-				slot = slots[k];
+				slot = slots[k - 1];
 				res->stored++;
-			} else {
+			} else if (!(v & E_DROPPED) && E_STATE(v) == UF_PG_TRANSIT) {
 				/* the store failed: the page goes back (it is missing in the target and
-				 * its faults are parked, so the copy cannot race a fault) */
+				 * its faults are parked, so the copy cannot race a fault); a dropped one
+				 * (discarded by the program meanwhile) must not come back */
 				uint64_t done = 0;
 				int r = pt->uffd >= 0 ? uf_copy_all(pt->uffd, translate(pt, addr),
 								    (uint64_t)(uintptr_t)data, PG,
@@ -1321,8 +1325,9 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 				if (r < 0 && r != -ENOENT)
 					res->lost_errno = r;
 				res->failed++;
+			} else {
+				out = OUT_NONE;
 			}
-			k++;
 		} else if (wasread) {
 			out = OUT_ZERO;
 			res->zero++;
@@ -1892,8 +1897,9 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 		}
 		uint64_t pos = reg[0], end = reg[0] + reg[1];
 		while (pos < end) {
-			struct uf_scan sc = { .start = pos, .end = end, .category_mask = 1ULL << 3,
-					      .return_mask = 1ULL << 3 };
+			struct uf_scan sc = { .start = pos, .end = end,
+					      .category_anyof_mask = (1ULL << 3) | (1ULL << 4), /* PRESENT|SWAPPED */
+					      .return_mask = (1ULL << 3) | (1ULL << 4) };
 			int64_t n = uf_pagemap_scan(pagemap_fd, &sc, vec, VEC), j;
 			if (n < 0) {
 				rc = (int)n;
@@ -1925,6 +1931,34 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 		if (!need) {
 			rc = -ENOMEM;
 			goto out;
+		}
+		/* a page present in scratch that this batch did not move (a leftover of an
+		 * earlier batch) is not ours to read: keep only present AND moved */
+		{
+			int64_t j, w = 0;
+			/* at most one run per page of the scratch area */
+			uint64_t *keep = malloc((used / PG + 1) * 2 * sizeof(uint64_t));
+			if (!keep) {
+				rc = -ENOMEM;
+				goto out;
+			}
+			for (j = 0; j < npres; j++) {
+				uint64_t o, e0 = pres[2 * j] + pres[2 * j + 1];
+				for (o = pres[2 * j]; o < e0; o += PG) {
+					if (!in_pairs(mo, nmoved, o))
+						continue;
+					if (w && keep[2 * (w - 1)] + keep[2 * (w - 1) + 1] == o) {
+						keep[2 * (w - 1) + 1] += PG;
+					} else {
+						keep[2 * w] = o;
+						keep[2 * w + 1] = PG;
+						w++;
+					}
+				}
+			}
+			free(pres);
+			pres = keep;
+			npres = w;
 		}
 		nneed = uf_pt_need_read(pt, pres, (size_t)npres, need, used / PG + 1);
 		if (nneed < 0) {

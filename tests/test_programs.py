@@ -44,7 +44,7 @@ TIMEOUT = 60.0
 CHURN = "0.02"
 MODES = ["churn", "plain"]
 #: `--limit` runs: small enough that these programs must lose pages to the store
-LIMIT = "12M"
+LIMIT = "40M"
 
 
 # ---- running things ---------------------------------------------------------------------

@@ -222,7 +222,7 @@ class ManagedProcess:
         *,
         a: int = 0,
         fd: int = -1,
-        timeout: float = 60.0,  # noqa: ASYNC109
+        timeout: float | None = 60.0,  # noqa: ASYNC109
     ) -> P.Msg:
         if self.exited:
             raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} exited")
@@ -272,7 +272,9 @@ class ManagedProcess:
 
     async def _op_move(self, triples: Sequence[int]) -> tuple[Sequence[int], int]:
         """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped)."""
-        r = await self.request(P.M_MOVE, triples)
+        # no timeout: a MOVE the agent runs late (a stopped program) must still be waited
+        # for - its pages would otherwise be moved behind the books' back
+        r = await self.request(P.M_MOVE, triples, timeout=None)
         if r.a < 0:
             raise error_for(-r.a, "evict: UFFDIO_MOVE", f"pid {self.pid}")
         return r.words, r.b

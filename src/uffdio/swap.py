@@ -236,6 +236,9 @@ def _unpairs(arr: CData, n: int) -> list[tuple[int, int]]:
 
 
 MAX_VICTIM_RUNS = 1 << 16
+#: runs per batch: the MOVE request (3 words a run) and its reply must fit one agent
+#: message (UF_AGENT_MAXWORDS = 8192 words)
+MAX_BATCH_RUNS = 2048
 
 
 @dataclass
@@ -345,7 +348,12 @@ class Swap:
                         self._error(f"store read of page {addr:#x} failed ({exc!r}): retrying")
                     await anyio.sleep(0.02)
                     continue
-                lib.uf_pt_install(pt, addr, key, ffi.from_buffer(data), int(f.is_write))
+                rc = lib.uf_pt_install(pt, addr, key, ffi.from_buffer(data), int(f.is_write))
+                if rc == -errno.EAGAIN:  # events pending: the engine drains them first
+                    await anyio.sleep(0.001)
+                    continue
+                if rc < 0:  # the thread must not sleep forever: it faults again
+                    lib.uf_wake(batch.uffd.fileno(), addr, PAGE)
                 break
 
     def _error(self, msg: str) -> None:
@@ -522,9 +530,9 @@ class Swap:
         """One batch from cand[first:]: returns (pages evicted, next candidate index)."""
         proc = p.proc
         assert proc.uffd is not None
-        runs = ffi.new("uint64_t[]", 2 * 4096)
+        runs = ffi.new("uint64_t[]", 2 * MAX_BATCH_RUNS)
         nr = check(
-            lib.uf_pt_begin(p.pt, cand + 2 * first, ncand - first, maxpages, runs, 4096),
+            lib.uf_pt_begin(p.pt, cand + 2 * first, ncand - first, maxpages, runs, MAX_BATCH_RUNS),
             "evict: begin",
         )
         if nr == 0:
@@ -564,34 +572,30 @@ class Swap:
             raise
         moved = array.array("Q", moved_words)
         used = ffi.new("uint64_t *")
-        rc = await anyio.to_thread.run_sync(
-            lib.uf_pt_collect,
-            p.pt,
-            proc.pid,
-            p.pagemap,
-            proc.scratch,
-            ffi.from_buffer("uint64_t[]", moved),
-            len(moved) // 2,
-            buf,
-            res,
-            used,
-        )
+        for attempt in range(3):
+            rc = await anyio.to_thread.run_sync(
+                lib.uf_pt_collect,
+                p.pt,
+                proc.pid,
+                p.pagemap,
+                proc.scratch,
+                ffi.from_buffer("uint64_t[]", moved),
+                len(moved) // 2,
+                buf,
+                res,
+                used,
+            )
+            if rc >= 0 or proc.exited:
+                break
+            await anyio.sleep(0.01 * (attempt + 1))
         if rc == 1:  # a Python store: it puts the pages, then we commit
             await self._put_external(p, buf, res)
         elif rc < 0:
-            # the moved pages could not be read: put them back where they came from (the
-            # agent moves them), then let every page of the batch go back to its state
-            back = array.array("Q")
-            for i in range(0, len(moved), 2):
-                src = int(moved[i])
-                for t in range(0, len(triples), 3):
-                    if triples[t] <= src < triples[t] + triples[t + 2]:
-                        back.extend((triples[t + 1] + (src - triples[t]), src, moved[i + 1]))
-                        break
-            with contextlib.suppress(UffdError, OSError):
-                if back:
-                    await proc._op_move(back)
-            lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            # The moved pages sit in the scratch area and cannot be read.  Committing now
+            # would let their faults through to zero pages; the batch stays open instead
+            # (those threads wait, nothing reads zeros) and the error is reported.
+            if proc.exited:
+                lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)  # nobody is left
             raise error_for(-rc, "evict: reading the moved pages", f"pid {proc.pid}")
         if used[0]:
             await proc._op_dontneed([proc.scratch, int(used[0])])
@@ -920,6 +924,9 @@ class NoPolicy(Policy):
     name = "none"
 
     async def run(self, swap: Swap) -> None:
+        # nothing here evicts on its own, so nothing may wait at the limit
+        lib.uf_budget_set(swap._budget, 0, -1)
+        swap._kick_all()
         while True:
             await swap.measure()
             await anyio.sleep(0.5)
