@@ -136,7 +136,12 @@ static int uffd_register(int fd, uint64_t start, uint64_t len)
 	 * write); kernels without anonymous WP get MISSING alone */
 	struct uffdio_register r = { .range = { start, len },
 				     .mode = UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP };
-	if (ioctl(fd, UFFDIO_REGISTER, &r) == 0)
+	static int wp = -1;
+	if (wp < 0) { /* the manager asks for WP when it tracks clean pages (userspace swap) */
+		const char *w = getenv("UFFDIO_AGENT_WP");
+		wp = w && *w == '1';
+	}
+	if (wp && ioctl(fd, UFFDIO_REGISTER, &r) == 0)
 		return 0;
 	r.mode = UFFDIO_REGISTER_MODE_MISSING;
 	return ioctl(fd, UFFDIO_REGISTER, &r) < 0 ? -errno : 0;

@@ -842,6 +842,11 @@ class Manager:
         out[P.ENV_SOCK] = self.socket_path
         pre = out.get("LD_PRELOAD", "")
         out["LD_PRELOAD"] = library_path() + (" " + pre if pre else "")
+        # write-protect registration only where clean pages are tracked (userspace swap)
+        if self.swap is not None:
+            out["UFFDIO_AGENT_WP"] = "1"
+        else:
+            out.pop("UFFDIO_AGENT_WP", None)
         return out
 
     def spawn(
