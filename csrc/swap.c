@@ -572,6 +572,14 @@ static void budget_add(uf_budget *b, int64_t n)
 		__atomic_fetch_add(&b->resident, n, __ATOMIC_RELAXED);
 }
 
+/* Drop a page table's reference to a store handle (pt->lock held). */
+static void pt_drop_handle(uf_pt *pt, uint64_t h)
+{
+	st_lock(pt->store);
+	slot_put_ref(pt->store, h);
+	st_unlock(pt->store);
+}
+
 static uint64_t hash64(uint64_t k)
 {
 	k ^= k >> 33;
@@ -868,15 +876,11 @@ static void drop_range(uf_pt *pt, uint64_t start, uint64_t end)
 			continue;
 		if (E_STATE(*e) == UF_PG_TRANSIT) {
 			/* the batch decides it; the data must not come back */
-			st_lock(pt->store);
-			slot_put_ref(pt->store, E_SLOT(*e));
-			st_unlock(pt->store);
+			pt_drop_handle(pt, E_SLOT(*e));
 			ent_set(pt, e, E_MAKE(0, UF_PG_TRANSIT, E_STAMP(*e)) | E_DROPPED);
 			continue;
 		}
-		st_lock(pt->store);
-		slot_put_ref(pt->store, E_SLOT(*e));
-		st_unlock(pt->store);
+		pt_drop_handle(pt, E_SLOT(*e));
 		ent_set(pt, e, 0);
 	}
 }
@@ -1118,15 +1122,11 @@ static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *
 		ent_set(pt, e, E_MAKE(slot, UF_PG_EVICTED, E_STAMP(v)));
 		break;
 	case OUT_ZERO:
-		st_lock(pt->store);
-		slot_put_ref(pt->store, E_SLOT(v));
-		st_unlock(pt->store);
+		pt_drop_handle(pt, E_SLOT(v));
 		ent_set(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
 		break;
 	case OUT_NONE:
-		st_lock(pt->store);
-		slot_put_ref(pt->store, E_SLOT(v));
-		st_unlock(pt->store);
+		pt_drop_handle(pt, E_SLOT(v));
 		ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
 		break;
 	}
@@ -1591,6 +1591,36 @@ void uf_swap_stamp(struct uf_msg *m)
 
 static const char zero_page[4096] __attribute__((aligned(4096)));
 
+/* Install the store's copy `data` of the EVICTED page at addr (entry value v, pt->lock
+ * held): write-protected when mode has UFFDIO_COPY_MODE_WP, so that the entry becomes
+ * CLEAN and keeps its handle, else writable and NONE.  A range registered without WP
+ * refuses COPY_MODE_WP (EINVAL): then the page is installed writable.  *mode_out: the
+ * mode used.  Returns uf_copy_all's result; the entry changes only on success. */
+static int install_locked(uf_pt *pt, uint64_t addr, uint64_t v, const void *data, uint64_t mode,
+			  uint64_t extra, uint64_t *mode_out)
+{
+	uint64_t done = 0, *e;
+	int rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, mode | extra, &done);
+
+	if (rc == -EINVAL && mode) {
+		mode = 0;
+		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, extra, &done);
+	}
+	*mode_out = mode;
+	if (rc)
+		return rc;
+	e = ent_at(pt, addr, 0);
+	if (mode) {
+		ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
+	} else {
+		pt_drop_handle(pt, E_SLOT(v));
+		ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+	}
+	pt->st.swapins++;
+	budget_add(pt->budget, 1);
+	return 0;
+}
+
 /* Decide a fault.  Returns SWAP_DONE (resolved or nothing to do), SWAP_PARK (wait for
  * a commit or for room under the limit), SWAP_DEFER (EAGAIN: retry), SWAP_PASS (not
  * ours), or a negative errno (failed; *what says where). */
@@ -1612,9 +1642,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 		if (s == UF_PG_CLEAN) {
 			/* the store's copy stops being valid before the write goes through */
 			e = ent_at(pt, addr, 0);
-			st_lock(pt->store);
-			slot_put_ref(pt->store, E_SLOT(v));
-			st_unlock(pt->store);
+			pt_drop_handle(pt, E_SLOT(v));
 			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
 			pt->st.dirtied++;
 		}
@@ -1682,24 +1710,13 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 		}
 		/* read faults install write-protected and keep the store copy (CLEAN) */
 		mode = (pt->wp && !wr) ? UFFDIO_COPY_MODE_WP : 0;
-		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)b, PG, mode | UFFDIO_COPY_MODE_DONTWAKE, &done);
-		if (rc == -EINVAL && mode) { /* registered without WP: install writable, keep no copy */
-			mode = 0;
-			nra = 0;
-			rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)b, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
+		{
+			uint64_t asked = mode;
+			rc = install_locked(pt, addr, v, b, asked, UFFDIO_COPY_MODE_DONTWAKE, &mode);
+			if (asked && !mode)
+				nra = 0; /* registered without WP: read-ahead pages could not stay CLEAN */
 		}
 		if (rc == 0) {
-			e = ent_at(pt, addr, 0);
-			if (mode) {
-				ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
-			} else {
-				st_lock(pt->store);
-				slot_put_ref(pt->store, E_SLOT(v));
-				st_unlock(pt->store);
-				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
-			}
-			pt->st.swapins++;
-			budget_add(pt->budget, 1);
 			got = 0;
 			if (nra && pt->wp) {
 				uint64_t rdone = 0;
@@ -1744,9 +1761,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 		if (e) {
 			if (!*e)
 				pt->counts[UF_PG_NONE]++;
-			st_lock(pt->store);
-			slot_put_ref(pt->store, E_SLOT(*e));
-			st_unlock(pt->store);
+			pt_drop_handle(pt, E_SLOT(*e));
 			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
 		}
 		if (s == UF_PG_ZERO) {
@@ -1803,9 +1818,7 @@ int64_t uf_pt_fill_all(uf_pt *pt)
 			if (rc == -EEXIST || rc == -ENOENT)
 				rc = 0; /* already back / no longer mapped */
 			if (rc == 0) {
-				st_lock(pt->store);
-				slot_put_ref(pt->store, E_SLOT(v));
-				st_unlock(pt->store);
+				pt_drop_handle(pt, E_SLOT(v));
 				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
 				n++;
 			}
@@ -2016,7 +2029,7 @@ out:
  * addr are woken and fault again if the page is still missing), -errno on failure. */
 int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int write)
 {
-	uint64_t v, done = 0, mode;
+	uint64_t v, mode;
 	uint64_t *e;
 	int rc;
 
@@ -2030,22 +2043,8 @@ int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int 
 		return 0;
 	}
 	mode = (pt->wp && !write) ? UFFDIO_COPY_MODE_WP : 0;
-	rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, mode, &done);
-	if (rc == -EINVAL && mode) {
-		mode = 0;
-		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, 0, &done);
-	}
+	rc = install_locked(pt, addr, v, data, mode, 0, &mode);
 	if (rc == 0) {
-		if (mode) {
-			ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
-		} else {
-			st_lock(pt->store);
-			slot_put_ref(pt->store, E_SLOT(v));
-			st_unlock(pt->store);
-			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
-		}
-		pt->st.swapins++;
-		budget_add(pt->budget, 1);
 		st_lock(pt->store);
 		pt->store->st.gets++;
 		st_unlock(pt->store);
