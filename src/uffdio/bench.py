@@ -64,6 +64,9 @@ def add_parser(sub: Any) -> None:
     )
     f.add_argument("--json", action="store_true", help="print only JSON")
     f.set_defaults(func=run_faults)
+    from . import benchswap
+
+    benchswap.add_parsers(bsub)
 
 
 def _percentile(sorted_us: list[float], q: float) -> float:
