@@ -532,6 +532,8 @@ struct uf_pt {
 
 	/* read-ahead */
 	uint64_t last_fault, ra_window;
+	/* fault-around of first-touch writes: next expected vpn, window (pages) */
+	uint64_t ft_next, ft_window;
 
 	struct uf_pt_stats st;
 };
@@ -1590,6 +1592,67 @@ void uf_swap_stamp(struct uf_msg *m)
 }
 
 static const char zero_page[4096] __attribute__((aligned(4096)));
+int uf_copy_all_counted(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode,
+			uint64_t *done, uint64_t *eexist);
+/* zeros for fault-around (read-only source of UFFDIO_COPY) */
+static const char zero_window[UF_FT_MAX * 4096] __attribute__((aligned(4096)));
+
+/* First-touch write fault at addr (entry v: no store copy), pt->lock held: install zero
+ * pages for addr and, when first touches go sequentially, for the following pages that
+ * have no saved content either (entry absent or NONE), up to a window that doubles while
+ * the pattern holds (UF_FT_MAX) and is capped by the room under the limit.  Pages that
+ * are present already are skipped by the copy (EEXIST); a window that crosses the end of
+ * the mapping falls back to the one page.  Safe because every page filled would read as
+ * zeros if it faulted: it has no store copy, is not in an eviction batch (TRANSIT), and
+ * is missing.  Returns uf_copy_all's result for the faulting page; *done: bytes filled. */
+static int first_touch_locked(uf_pt *pt, uint64_t addr, uint64_t *done)
+{
+	uint64_t vpn = addr / PG, n = 1, eexist = 0, i, filled;
+	int rc;
+
+	if (pt->ft_next && vpn == pt->ft_next)
+		pt->ft_window = pt->ft_window ? (pt->ft_window * 2 > UF_FT_MAX ? UF_FT_MAX : pt->ft_window * 2) : 2;
+	else
+		pt->ft_window = 1;
+	if (pt->budget) {
+		int64_t lim = __atomic_load_n(&pt->budget->limit, __ATOMIC_RELAXED);
+		int64_t room = lim - __atomic_load_n(&pt->budget->resident, __ATOMIC_RELAXED);
+		if (lim > 0 && room < (int64_t)pt->ft_window)
+			pt->ft_window = room > 1 ? (uint64_t)room : 1;
+	}
+	while (n < pt->ft_window) {
+		uint64_t w = ent_get(pt, addr + n * PG);
+		if (w && (E_STATE(w) != UF_PG_NONE || E_SLOT(w)))
+			break;
+		n++;
+	}
+	*done = 0;
+	rc = uf_copy_all_counted(pt->uffd, addr, (uint64_t)(uintptr_t)zero_window, n * PG,
+				 UFFDIO_COPY_MODE_DONTWAKE, done, &eexist);
+	if (rc == -ENOENT && *done == 0 && n > 1) { /* the window crossed the mapping's end */
+		eexist = 0;
+		rc = uf_copy_all_counted(pt->uffd, addr, (uint64_t)(uintptr_t)zero_window, PG,
+					 UFFDIO_COPY_MODE_DONTWAKE, done, &eexist);
+	}
+	if (*done >= PG)
+		rc = 0; /* the faulting page is in (or was); the rest of the window is a bonus */
+	filled = *done / PG;
+	for (i = 0; i < filled; i++) {
+		uint64_t *e = ent_at(pt, addr + i * PG, 1);
+		if (e && !*e) {
+			pt->counts[UF_PG_NONE]++;
+			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+		} else if (e) {
+			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+		}
+	}
+	if (filled > eexist) {
+		budget_add(pt->budget, (int64_t)(filled - eexist));
+		pt->st.first_touch += filled - eexist;
+	}
+	pt->ft_next = vpn + (filled ? filled : 1);
+	return rc;
+}
 
 /* Install the store's copy `data` of the EVICTED page at addr (entry value v, pt->lock
  * held): write-protected when mode has UFFDIO_COPY_MODE_WP, so that the entry becomes
@@ -1749,6 +1812,15 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 	}
 	/* ZERO, NONE (never touched, or discarded by the application), CLEAN that is not
 	 * there (cannot happen: an event would have reset it) */
+	if (wr && s != UF_PG_ZERO && !E_SLOT(v)) {
+		rc = first_touch_locked(pt, addr, &done);
+		pthread_mutex_unlock(&pt->lock);
+		if (rc == 0 || rc == -EEXIST) {
+			uf_wake(pt->uffd, addr, done > PG ? done : PG);
+			return SWAP_DONE;
+		}
+		goto failed;
+	}
 	if (wr) {
 		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)zero_page, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
 		if (rc == 0)
@@ -1776,6 +1848,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 		uf_wake(pt->uffd, addr, PG);
 		return SWAP_DONE;
 	}
+failed:
 	if (rc == -EAGAIN)
 		return SWAP_DEFER;
 	if (rc == -ENOENT || rc == -ESRCH)

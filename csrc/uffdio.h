@@ -133,7 +133,7 @@ size_t uf_rules_count(uf_engine *e);
  * Page states (uf_pt_state): */
 enum { UF_PG_NONE = 0, UF_PG_CLEAN = 1, UF_PG_TRANSIT = 2, UF_PG_EVICTED = 3, UF_PG_ZERO = 4 };
 enum { UF_STORE_MEMORY = 1, UF_STORE_FILE = 2, UF_STORE_EXTERNAL = 3 };
-enum { UF_LAT_BUCKETS = 64, UF_RA_MAX = 32 };
+enum { UF_LAT_BUCKETS = 64, UF_RA_MAX = 32, UF_FT_MAX = 64 };
 typedef struct uf_store uf_store;
 typedef struct uf_pt uf_pt;
 typedef struct uf_budget uf_budget;

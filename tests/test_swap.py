@@ -463,10 +463,14 @@ async def test_sequential_faults_read_ahead() -> None:
     sw.close()
 
 
-def test_pressure_policy_shrinks_the_limit(swaptest: str, tmp_path: Path) -> None:
+def test_pressure_policy_shrinks_the_limit(
+    swaptest: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """--policy pressure: the limit starts from what the program uses and moves with the
     stall uffdio measures, below the ceiling given by --limit; pages get evicted; the
-    data stays intact."""
+    data stays intact.  The program idles 2 s after its fill: the policy sees no stall
+    for several periods and must shrink the limit under what it uses."""
+    monkeypatch.setenv("SWAPTEST_PAUSE_MS", "2000")
     stats, _, _ = run_limited(
         swaptest,
         tmp_path,

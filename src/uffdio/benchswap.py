@@ -537,7 +537,7 @@ def add_parsers(bsub: Any) -> None:
     s.add_argument(
         "--setups", default=",".join(SETUPS), help="comma list of kernel, uffdio, nolimit"
     )
-    s.add_argument("--accesses", type=int, help="accesses of the timed phase (default: by workload)")
+    s.add_argument("--accesses", type=int, help="accesses of the timed phase (default by workload)")
     s.add_argument("--json", action="store_true", help="print only the JSON result")
     s.add_argument("--plot", metavar="PNG", help="draw the bar chart (needs matplotlib)")
     e = bsub.add_parser("evict", help="eviction throughput (MB/s) into a store")
@@ -610,4 +610,3 @@ def run_evict(args: argparse.Namespace) -> int:
             )
         print(f"median {res['mb_per_s_median']:.0f} MB/s into {args.store}")
     return 0
-

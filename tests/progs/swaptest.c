@@ -15,6 +15,7 @@
  *   copy, parent checks its own is unchanged), m = munmap the last 1/16 of the buffer,
  *   r = mremap the buffer to a new address, d = madvise(DONTNEED) a slice (must read
  *   zeros), all after the other threads stopped for the event.
+ * SWAPTEST_PAUSE_MS=N: sleep N ms after the fill, before the threads start.
  * Prints "ok checked=N" and exits 0, or prints the first mismatch and exits 1.
  */
 #define _GNU_SOURCE
@@ -265,6 +266,8 @@ int main(int argc, char **argv)
 	for (size_t i = 0; i < npages; i++)
 		if (i % 8 != 5)
 			fill((uint64_t *)(buf + i * PAGE), i, 1);
+	if (getenv("SWAPTEST_PAUSE_MS")) /* idle after the fill (policies that watch stalls) */
+		usleep((useconds_t)atoi(getenv("SWAPTEST_PAUSE_MS")) * 1000);
 	pthread_barrier_init(&bar, NULL, (unsigned)nthreads);
 	threads = calloc((size_t)nthreads, sizeof(*threads));
 	pthread_t *tid = calloc((size_t)nthreads, sizeof(*tid));
