@@ -146,7 +146,7 @@ struct uf_pt_stats {
 	uint64_t swapins, readahead, first_touch, wp_faults, dirtied, pages_out, pages_out_clean,
 		pages_out_zero, put_failures, store_errors;
 	uint64_t pages_clean, pages_transit, pages_evicted, pages_zero, table_bytes, epoch,
-		readahead_window;
+		readahead_window, fault_around;
 	uint64_t lat_hist[64]; /* bucket b: [2^p (1 + f/4) - 1, ...) us with p = b / 4, f = b % 4 */
 };
 struct uf_commit {

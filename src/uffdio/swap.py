@@ -296,6 +296,9 @@ class Swap:
         #: the highest metadata bytes per managed page seen (tables + store index)
         self.metadata_per_page = 0.0
         self.managed_pages_max = 0
+        #: seconds spent per eviction phase (scan for victims, the agent's MOVE, read +
+        #: store put + commit, the agent's zap of the scratch area)
+        self.evict_seconds = {"scan": 0.0, "move": 0.0, "collect": 0.0, "zap": 0.0}
 
     # -- wiring (called by Manager) --
     def attach(self, proc: ManagedProcess) -> None:
@@ -506,7 +509,9 @@ class Swap:
         cand = ffi.new("uint64_t[]", 2 * MAX_VICTIM_RUNS)
         if victims is None:
             nout = ffi.new("int64_t *")
+            t0 = time.perf_counter()
             await anyio.to_thread.run_sync(self._scan, p, want, cand, nout)
+            self.evict_seconds["scan"] += time.perf_counter() - t0
             ncand = int(nout[0])
         else:
             victims = victims[:MAX_VICTIM_RUNS]
@@ -564,6 +569,8 @@ class Swap:
         self, p: _Proc, triples: array.array[int], buf: int, res: CData, empty: CData, nxt: int
     ) -> tuple[int, int]:
         proc = p.proc
+        ph = self.evict_seconds
+        t0 = time.perf_counter()
         try:
             moved_words, skipped = await proc._op_move(triples)
         except BaseException:
@@ -572,6 +579,8 @@ class Swap:
             raise
         moved = array.array("Q", moved_words)
         used = ffi.new("uint64_t *")
+        t1 = time.perf_counter()
+        ph["move"] += t1 - t0
         for attempt in range(3):
             rc = await anyio.to_thread.run_sync(
                 lib.uf_pt_collect,
@@ -597,8 +606,11 @@ class Swap:
             if proc.exited:
                 lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)  # nobody is left
             raise error_for(-rc, "evict: reading the moved pages", f"pid {proc.pid}")
+        t2 = time.perf_counter()
+        ph["collect"] += t2 - t1
         if used[0]:
             await proc._op_dontneed([proc.scratch, int(used[0])])
+        ph["zap"] += time.perf_counter() - t2
         proc.stats["pages_skipped"] += skipped
         proc.stats["evictions"] += 1
         proc.stats["pages_evicted"] += int(res.evicted)
@@ -669,6 +681,7 @@ class Swap:
                 "table_bytes",
                 "epoch",
                 "readahead_window",
+                "fault_around",
             )
         }
         out["lat_hist"] = [int(st.lat_hist[i]) for i in range(C_LAT_BUCKETS)]
@@ -702,6 +715,7 @@ class Swap:
             "pages_evicted_zero": tot.get("pages_out_zero", 0),
             "pages_swapped_in": tot.get("swapins", 0),
             "pages_read_ahead": tot.get("readahead", 0),
+            "pages_fault_around": tot.get("fault_around", 0),
             "pages_in_store": tot.get("pages_evicted", 0),
             "faults": {
                 "swap_in": tot.get("swapins", 0) - tot.get("readahead", 0),
@@ -726,6 +740,7 @@ class Swap:
             "managed_pages_max": self.managed_pages_max,
             "errors": list(self.errors),
             "rounds": self.rounds,
+            "evict_seconds": {k: round(v, 4) for k, v in self.evict_seconds.items()},
         }
 
     async def run(self) -> None:
