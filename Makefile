@@ -22,11 +22,17 @@ test: setup
 test-fast: setup
 	UFFDIO_SKIP_SLOW=1 $(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
+# The standard benchmark set (about 5 minutes here); results in bench/results/.
 bench: setup
 	@mkdir -p bench/results
+	$(PY) -m pip install -q 'matplotlib>=3.5'
+	$(PY) -m uffdio bench swap --size 512M --limit 128M --store memory --runs 3 --json \
+		--plot bench/results/swap-512M-128M.png > bench/results/swap-512M-128M.json
+	$(PY) -m uffdio bench evict --size 256M --rounds 3 --sparse 8 --json > bench/results/evict-sparse8.json
+	$(PY) -m uffdio bench evict --size 256M --rounds 3 --sparse 2 --json > bench/results/evict-sparse2.json
 	$(PY) -m uffdio bench faults --json > bench/results/faults-same.json
 	$(PY) -m uffdio bench faults --json --placement split > bench/results/faults-split.json
-	@cat bench/results/faults-same.json
+	$(PY) scripts/bench-table.py bench/results
 
 lint: setup
 	$(PY) -m pip install -q mypy ruff
