@@ -803,7 +803,17 @@ static void swap_fault(uf_engine *e, const struct uf_msg *m)
 		forward(e, m);
 		return;
 	}
-	rc = uf_swap_fault(e->pt, (struct uf_msg *)m, e->swbuf, &what);
+	{
+		/* fault-around stops where the next rule begins: its pages are the rule's */
+		uint64_t fa_end = UINT64_MAX;
+		size_t i;
+		pthread_mutex_lock(&e->rules_lock);
+		i = rules_lower(e, m->b);
+		if (i < e->nrules)
+			fa_end = e->rules[i].start;
+		pthread_mutex_unlock(&e->rules_lock);
+		rc = uf_swap_fault(e->pt, (struct uf_msg *)m, e->swbuf, &what, fa_end);
+	}
 
 	switch (rc) {
 	case SWAP_DONE:

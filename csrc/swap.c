@@ -471,6 +471,16 @@ static void *zpool_main(void *arg)
 	return NULL;
 }
 
+/* A forked child has no helper thread: start afresh (pthread_atfork, registered once). */
+static void zpool_atfork_child(void)
+{
+	pthread_mutex_init(&zpool.lock, NULL);
+	pthread_cond_init(&zpool.cv, NULL);
+	zpool.started = zpool.busy = zpool.has_job = zpool.done = 0;
+}
+static pthread_once_t zpool_once = PTHREAD_ONCE_INIT;
+static void zpool_init_once(void) { pthread_atfork(NULL, NULL, zpool_atfork_child); }
+
 /* Compress pages [0, n) into out (CB bytes each), lens[i] = LZ4 result (<= 0: failed). */
 static void compress_pages(const char *base, const uint64_t *offs, size_t n, char *out, int32_t *lens,
 			   int accel)
@@ -479,6 +489,7 @@ static void compress_pages(const char *base, const uint64_t *offs, size_t n, cha
 	int helped = 0;
 
 	if (n >= 32) {
+		pthread_once(&zpool_once, zpool_init_once);
 		pthread_mutex_lock(&zpool.lock);
 		if (!zpool.started) {
 			pthread_t t;
@@ -513,11 +524,16 @@ static void compress_pages(const char *base, const uint64_t *offs, size_t n, cha
 
 /* This thread's compression buffer (reused: a fresh one per batch would cost a page
  * fault per 4 KiB). */
+static pthread_key_t zbuf_key;
+static pthread_once_t zbuf_once = PTHREAD_ONCE_INIT;
+static void zbuf_key_init(void) { pthread_key_create(&zbuf_key, free); }
+
 static char *zbuf(size_t n, int32_t **lens)
 {
 	static __thread char *buf;
 	static __thread size_t cap;
 
+	pthread_once(&zbuf_once, zbuf_key_init);
 	if (n > cap) {
 		size_t c = n < 1024 ? 1024 : n;
 		char *nb = malloc(c * (CB + sizeof(int32_t)));
@@ -526,6 +542,7 @@ static char *zbuf(size_t n, int32_t **lens)
 		free(buf);
 		buf = nb;
 		cap = c;
+		pthread_setspecific(zbuf_key, buf); /* freed when the thread exits */
 	}
 	*lens = (int32_t *)(buf + cap * CB);
 	return buf;
@@ -709,6 +726,13 @@ struct uf_pt {
 	uint64_t *pend_moved, *pend_read;
 	size_t pend_nmoved, pend_nread;
 	int pend_ok;
+	/* pages whose copy-back after a failed store put met EAGAIN (events pending): they
+	 * stay TRANSIT (faults wait) until finish_copybacks installs them */
+	struct copyback {
+		uint64_t addr;
+		char *data;
+	} *cb;
+	size_t ncb, capcb;
 
 	/* read-ahead */
 	uint64_t last_fault, ra_window;
@@ -907,6 +931,9 @@ void uf_pt_unref(uf_pt *pt)
 	free(pt->log);
 	free(pt->pend_moved);
 	free(pt->pend_read);
+	for (i = 0; i < pt->ncb; i++)
+		free(pt->cb[i].data);
+	free(pt->cb);
 	uf_store_free(pt->store);
 	pthread_mutex_destroy(&pt->lock);
 	free(pt);
@@ -1344,6 +1371,76 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 		       uint64_t buf, const uint64_t *putoff, const uint64_t *slots, size_t nput, int64_t stored,
 		       int rc, struct uf_commit *res);
 
+/* Keep a copy of a page whose copy-back met EAGAIN (pt->lock held); 0 or -ENOMEM. */
+static int defer_copyback(uf_pt *pt, uint64_t addr, const void *data)
+{
+	char *d;
+
+	if (pt->ncb == pt->capcb) {
+		size_t nc = pt->capcb ? pt->capcb * 2 : 64;
+		struct copyback *n2 = realloc(pt->cb, nc * sizeof(*n2));
+		if (!n2)
+			return -ENOMEM;
+		pt->cb = n2;
+		pt->capcb = nc;
+	}
+	if (!(d = malloc(PG)))
+		return -ENOMEM;
+	memcpy(d, data, PG);
+	pt->cb[pt->ncb].addr = addr;
+	pt->cb[pt->ncb].data = d;
+	pt->ncb++;
+	return 0;
+}
+
+/* Install the deferred copy-backs (pt->lock NOT held on entry).  Each is tried with the
+ * lock held - so that an event (REMOVE, UNMAP) cannot be applied between the check of
+ * its entry and the copy - and the lock is dropped between tries so that the engine can
+ * read the pending events that make UFFDIO_COPY return EAGAIN.  A page still TRANSIT
+ * and not dropped is copied in and becomes NONE; a dropped or remapped one is let go
+ * (the program discarded it, or the mapping is gone).  Every page ends installed or
+ * released: its threads are woken. */
+static void finish_copybacks(uf_pt *pt)
+{
+	for (;;) {
+		uint64_t addr, *e, done = 0;
+		char *data;
+		int r = 0;
+
+		pthread_mutex_lock(&pt->lock);
+		if (!pt->ncb) {
+			pthread_mutex_unlock(&pt->lock);
+			return;
+		}
+		addr = pt->cb[pt->ncb - 1].addr;
+		data = pt->cb[pt->ncb - 1].data;
+		for (;;) {
+			e = ent_at(pt, addr, 0);
+			if (!e || E_STATE(*e) != UF_PG_TRANSIT || (*e & E_DROPPED) || pt->uffd < 0)
+				break; /* not ours to bring back any more */
+			r = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
+			if (r != -EAGAIN)
+				break;
+			pthread_mutex_unlock(&pt->lock);
+			usleep(200); /* the engine drains the events */
+			pthread_mutex_lock(&pt->lock);
+		}
+		e = ent_at(pt, addr, 0);
+		if (e && E_STATE(*e) == UF_PG_TRANSIT) {
+			if (r < 0 && r != -EEXIST && r != -ENOENT && r != -ESRCH)
+				pt->st.store_errors++; /* not installed (ENOMEM...): it stays TRANSIT,
+							* its threads wait rather than read zeros */
+			else
+				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(*e)));
+		}
+		pt->ncb--;
+		pthread_mutex_unlock(&pt->lock);
+		free(data);
+		if (pt->uffd >= 0)
+			uf_wake(pt->uffd, addr, PG);
+	}
+}
+
 int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
 		 uint64_t buf, struct uf_commit *res)
 {
@@ -1371,24 +1468,8 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 	if (rc == 0)
 		nput = pages_to_put(pt, read, nread, buf, putoff, npages);
 	if (nput) {
-		if (pt->store->kind == UF_STORE_MEMORY) {
-			/* compressed straight from the staging buffer */
-			stored = store_put_pages(pt->store, (const char *)(uintptr_t)buf, putoff, nput, slots);
-		} else {
-			/* the file store writes a contiguous, page-aligned copy (writing from the
-			 * staging buffer lost pages on ENOSPC: tests/test_swap.py
-			 * test_file_store_that_fills_up failed 3 in 8; cause not found) */
-			char *tmp = NULL;
-			size_t k;
-			if (posix_memalign((void **)&tmp, PG, nput * PG)) {
-				stored = -ENOMEM;
-			} else {
-				for (k = 0; k < nput; k++)
-					memcpy(tmp + k * PG, (void *)(uintptr_t)(buf + putoff[k]), PG);
-				stored = uf_store_put(pt->store, tmp, nput, slots);
-				free(tmp);
-			}
-		}
+		/* straight from the staging buffer (page aligned: O_DIRECT works) */
+		stored = store_put_pages(pt->store, (const char *)(uintptr_t)buf, putoff, nput, slots);
 		if (stored < 0) {
 			res->put_error = (int)stored;
 			stored = 0;
@@ -1405,6 +1486,7 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 		}
 	}
 	rc = commit_core(pt, moved, nmoved, read, nread, buf, putoff, slots, nput, stored, rc, res);
+	finish_copybacks(pt);
 	free(slots);
 	free(putoff);
 	return rc;
@@ -1463,6 +1545,7 @@ int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const
 	}
 	rc = commit_core(pt, mo ? mo : putoff, nmo, rd ? rd : putoff, nrd, buf, putoff, hs ? hs : putoff, nput,
 			 (int64_t)nstored, hs ? 0 : -ENOMEM, res);
+	finish_copybacks(pt);
 	free(hs);
 	free(mo);
 	free(rd);
@@ -1481,7 +1564,7 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 	FOR_BATCH_PAGES(pt, idx, addr) {
 		uint64_t off = idx * PG, v = ent_get(pt, translate(pt, addr));
 		const void *data = NULL;
-		int out = OUT_RESTORE, wasread = in_pairs(read, nread, off);
+		int out = OUT_RESTORE, wasread = in_pairs(read, nread, off), own = 1;
 		uint64_t slot = 0;
 		if (wasread)
 			data = (void *)(uintptr_t)(buf + off);
@@ -1511,7 +1594,9 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 								    UFFDIO_COPY_MODE_DONTWAKE, &done)
 						      : -EBADF;
 				out = OUT_NONE;
-				if (r < 0 && r != -ENOENT)
+				if (r == -EAGAIN && defer_copyback(pt, translate(pt, addr), data) == 0)
+					own = 0; /* stays TRANSIT: finish_copybacks installs it */
+				else if (r < 0 && r != -ENOENT)
 					res->lost_errno = r;
 				res->failed++;
 			} else {
@@ -1526,7 +1611,8 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 		}
 		if (out == OUT_EVICTED || out == OUT_ZERO)
 			res->evicted++;
-		apply(pt, addr, out, slot, data, res, 1);
+		if (own)
+			apply(pt, addr, out, slot, data, res, 1);
 		for (i = 0; i < pt->nkids; i++) {
 			pthread_mutex_lock(&pt->kids[i]->lock);
 			apply(pt->kids[i], addr, out, slot, NULL, res, 0);
@@ -1792,7 +1878,7 @@ static const char zero_window[UF_FT_MAX * 4096] __attribute__((aligned(4096)));
  * the mapping falls back to the one page.  Safe because every page filled would read as
  * zeros if it faulted: it has no store copy, is not in an eviction batch (TRANSIT), and
  * is missing.  Returns uf_copy_all's result for the faulting page; *done: bytes filled. */
-static int first_touch_locked(uf_pt *pt, uint64_t addr, uint64_t *done)
+static int first_touch_locked(uf_pt *pt, uint64_t addr, uint64_t fa_end, uint64_t *done)
 {
 	uint64_t vpn = addr / PG, n = 1, eexist = 0, i, filled;
 	int rc;
@@ -1807,7 +1893,7 @@ static int first_touch_locked(uf_pt *pt, uint64_t addr, uint64_t *done)
 		if (lim > 0 && room < (int64_t)pt->ft_window)
 			pt->ft_window = room > 1 ? (uint64_t)room : 1;
 	}
-	while (n < pt->ft_window) {
+	while (n < pt->ft_window && addr + n * PG < fa_end) {
 		uint64_t w = ent_get(pt, addr + n * PG);
 		if (w && (E_STATE(w) != UF_PG_NONE || E_SLOT(w)))
 			break;
@@ -1875,7 +1961,7 @@ static int install_locked(uf_pt *pt, uint64_t addr, uint64_t v, const void *data
 /* Decide a fault.  Returns SWAP_DONE (resolved or nothing to do), SWAP_PARK (wait for
  * a commit or for room under the limit), SWAP_DEFER (EAGAIN: retry), SWAP_PASS (not
  * ours), or a negative errno (failed; *what says where). */
-int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
+int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t fa_end)
 {
 	uint64_t addr = m->b & ~(PG - 1), v, done = 0;
 	int s, rc, wr = !!(m->a & UFFD_PAGEFAULT_FLAG_WRITE);
@@ -2001,7 +2087,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what)
 	/* ZERO, NONE (never touched, or discarded by the application), CLEAN that is not
 	 * there (cannot happen: an event would have reset it) */
 	if (wr && s != UF_PG_ZERO && !E_SLOT(v)) {
-		rc = first_touch_locked(pt, addr, &done);
+		rc = first_touch_locked(pt, addr, fa_end, &done);
 		pthread_mutex_unlock(&pt->lock);
 		if (rc == 0 || rc == -EEXIST) {
 			uf_wake(pt->uffd, addr, done > PG ? done : PG);
