@@ -420,6 +420,19 @@ void uf_store_unref(uf_store *s, uint64_t h)
 	st_unlock(s);
 }
 
+/* The next completion of a store's ring.  A signal must not make us leave a request
+ * unreaped: a later wait would take its completion for its own (a read reported done
+ * before its data arrived). */
+static int ring_wait(struct io_uring *r, struct io_uring_cqe **cqe)
+{
+	int rc;
+
+	do
+		rc = io_uring_wait_cqe(r, cqe);
+	while (rc == -EINTR);
+	return rc;
+}
+
 /* ---- parallel compression ----
  * One process-wide helper thread takes the second half of a batch while the caller
  * compresses the first: eviction throughput is bound by LZ4 when the target is idle,
@@ -608,7 +621,7 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 			}
 			io_uring_submit(&s->ring);
 			for (j = 0; j < m; j++) {
-				if (io_uring_wait_cqe(&s->ring, &cqe) < 0) {
+				if (ring_wait(&s->ring, &cqe) < 0) {
 					bad = -EIO;
 					continue;
 				}
@@ -673,7 +686,7 @@ int uf_store_get(uf_store *s, uint64_t h, void *out)
 		sqe = io_uring_get_sqe(&s->ring);
 		io_uring_prep_read(sqe, s->fd, dst, (unsigned)PG, ((h >> 4) - 1) * PG);
 		io_uring_submit(&s->ring);
-		rc = io_uring_wait_cqe(&s->ring, &cqe);
+		rc = ring_wait(&s->ring, &cqe);
 		if (rc == 0) {
 			rc = cqe->res == (int)PG ? 0 : (cqe->res < 0 ? cqe->res : -EIO);
 			io_uring_cqe_seen(&s->ring, cqe);
