@@ -640,6 +640,13 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 			s->refs[(handles_out[i] >> 4) - 1] = 0;
 			s->st.slots_used--;
 		}
+		/* free slots at the end of the file may never have been written (holes past
+		 * what the filesystem gave us): forget them, so that the next put reuses the
+		 * freed slots inside the file before it tries to grow it again */
+		while (s->nslots && !s->refs[s->nslots - 1])
+			s->nslots--;
+		if (s->cursor >= s->nslots)
+			s->cursor = 0;
 		s->st.bytes_stored += k * PG;
 		i = k;
 	}
