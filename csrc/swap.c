@@ -1884,10 +1884,10 @@ void uf_swap_stamp(struct uf_msg *m)
 		m->reserved3 = (uint32_t)now_us() | 1;
 }
 
-static const char zero_page[4096] __attribute__((aligned(4096)));
 int uf_copy_all_counted(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode,
 			uint64_t *done, uint64_t *eexist);
-/* zeros for fault-around (read-only source of UFFDIO_COPY) */
+/* zeros: the read-only source of UFFDIO_COPY for write faults on pages without content
+ * (one page, or a fault-around window) */
 static const char zero_window[UF_FT_MAX * 4096] __attribute__((aligned(4096)));
 
 /* First-touch write fault at addr (entry v: no store copy), pt->lock held: install zero
@@ -1932,12 +1932,11 @@ static int first_touch_locked(uf_pt *pt, uint64_t addr, uint64_t fa_end, uint64_
 	filled = *done / PG;
 	for (i = 0; i < filled; i++) {
 		uint64_t *e = ent_at(pt, addr + i * PG, 1);
-		if (e && !*e) {
+		if (!e)
+			continue;
+		if (!*e)
 			pt->counts[UF_PG_NONE]++;
-			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
-		} else if (e) {
-			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
-		}
+		ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
 	}
 	if (filled > eexist)
 		budget_add(pt->budget, (int64_t)(filled - eexist));
@@ -2116,7 +2115,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 		goto failed;
 	}
 	if (wr) {
-		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)zero_page, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
+		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)zero_window, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
 		if (rc == 0)
 			budget_add(pt->budget, 1);
 	} else {
