@@ -99,10 +99,24 @@ def test_bench_evict_checks_every_page() -> None:
         (["--workload", "stride"], "unknown workload 'stride'"),
         (["--setups", "kernel,vm"], "--setups"),
         (["--size", "lots"], "not a size"),
+        (["--size", "8M", "--limit", "4M", "--store", "tape:x"], "unknown store 'tape:x'"),
     ],
 )
 def test_bench_swap_bad_input(args: list[str], message: str) -> None:
     r = run("swap", *args, timeout=60)
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "1500K"], "a whole number of MiB"),
+        (["--store", "tape:x"], "unknown store 'tape:x'"),
+    ],
+)
+def test_bench_evict_bad_input(args: list[str], message: str) -> None:
+    r = run("evict", *args, timeout=60)
     assert r.returncode == 2
     assert message in r.stderr, r.stderr
 

@@ -303,8 +303,7 @@ def bench_swap(
     """Run the side-by-side benchmark; returns the JSON-able result."""
     if limit >= size:
         raise BenchError(f"--limit ({limit} bytes) must be below --size ({size} bytes)")
-    if size % (1 << 20):
-        raise BenchError("--size must be a whole number of MiB")
+    _check_size_and_store(size, store)
     exe = build_target()
     ks: KernelSwap | None = None
     res: dict[str, Any] = {
@@ -443,6 +442,7 @@ async def bench_evict(size: int, store: str, rounds: int = 3, sparse: int = 8) -
     from .manage import Manager
     from .swap import Swap
 
+    _check_size_and_store(size, store)
     exe = build_target()
     out: dict[str, Any] = {
         "benchmark": "evict",
@@ -557,6 +557,18 @@ def add_parsers(bsub: Any) -> None:
     e.add_argument("--json", action="store_true", help="print only the JSON result")
     s.set_defaults(func=run_swap)
     e.set_defaults(func=run_evict)
+
+
+def _check_size_and_store(size: int, store: str) -> None:
+    """The target takes whole MiB; a bad store spec is named before anything runs."""
+    from .swap import open_store
+
+    if size < (1 << 20) or size % (1 << 20):
+        raise BenchError(f"--size {size} bytes: a whole number of MiB (e.g. 256M)")
+    try:
+        open_store(store).close()
+    except (ValueError, OSError) as exc:
+        raise BenchError(f"--store {store}: {exc}") from None
 
 
 def _sizes(args: argparse.Namespace, *names: str) -> list[int]:
