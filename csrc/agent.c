@@ -62,7 +62,8 @@
 
 #define EXPORT __attribute__((visibility("default")))
 #define PAGE 4096UL
-#define SCRATCH_DEFAULT (4UL << 20) /* pages in flight per eviction batch */
+/* two halves: the pages of an eviction batch in flight, the previous batch being emptied */
+#define SCRATCH_DEFAULT (16UL << 20)
 #define STACK_SIZE (256UL << 10)
 #define MAXLOCKED 256
 #define MSGBYTES (sizeof(struct uf_agent_hdr) + UF_AGENT_MAXWORDS * 8)
@@ -83,6 +84,7 @@ struct agent {
 	uint64_t features;
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 	uint64_t scratch, scratch_len;
+	uint64_t zap_start, zap_len; /* a deferred zap of scratch that failed: retried */
 	uint64_t region, region_len; /* this struct, buffers and the thread's stack */
 	pthread_mutex_t send_lock;
 	pthread_mutex_t move_lock; /* a MOVE request vs. mlock() noting a range */
@@ -582,6 +584,7 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 {
 	uint64_t *w = (uint64_t *)(h + 1), *out = A->tx, nout = 0, i;
 	int64_t rc = 0, aux = 0;
+	int zap_after = 0;
 
 	switch (h->type) {
 	case UF_M_SCAN: {
@@ -602,6 +605,19 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 		if (A->uffd < 0 || !(A->features & UFFD_FEATURE_MOVE)) {
 			rc = A->uffd < 0 ? -EBADF : -EOPNOTSUPP;
 			break;
+		}
+		/* a range left over from an earlier request whose zap failed goes first:
+		 * the moves below may need it empty */
+		if (A->zap_len && madvise((void *)A->zap_start, A->zap_len, MADV_DONTNEED) == 0)
+			A->zap_len = 0;
+		if (h->c > 0) {
+			uint64_t zs = (uint64_t)h->b, zl = (uint64_t)h->c;
+			if (zs < A->scratch || zl > A->scratch_len || zs - A->scratch > A->scratch_len - zl ||
+			    (zs | zl) & (PAGE - 1)) {
+				rc = -EINVAL; /* only ever our own scratch area */
+				break;
+			}
+			zap_after = 1;
 		}
 		for (i = 0; i + 3 <= h->n; i += 3) {
 			if (!overlaps(w[i + 1], w[i + 1] + w[i + 2], A->scratch, A->scratch_len) ||
@@ -682,6 +698,14 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 	if (fd >= 0)
 		close(fd);
 	send_msg(UF_A_REPLY, 0, h->seq, rc, aux, 0, out, nout, -1);
+	/* The previous batch's scratch pages are read by now (the manager asked for the
+	 * zap): empty them while the manager works on this batch.  Requests are handled
+	 * one at a time, so the next MOVE into that range waits for this.  When it fails
+	 * the range is tried again before the next MOVE. */
+	if (zap_after && madvise((void *)h->b, (size_t)h->c, MADV_DONTNEED) < 0) {
+		A->zap_start = (uint64_t)h->b;
+		A->zap_len = (uint64_t)h->c;
+	}
 }
 
 static void *agent_main(void *arg)

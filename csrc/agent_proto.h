@@ -12,7 +12,7 @@
 #define UFFDIO_AGENT_PROTO_H
 #include <stdint.h>
 
-#define UF_AGENT_VERSION 1
+#define UF_AGENT_VERSION 2 /* 2: MOVE takes a scratch range to empty after its reply */
 #define UF_AGENT_MAXWORDS 8192 /* 64 KiB of payload per message */
 #define UF_AGENT_ENV_SOCK "UFFDIO_AGENT_SOCK"
 
@@ -45,7 +45,10 @@ enum uf_agent_type {
 	UF_M_WELCOME = 16, /* manager is serving the uffd; a = 1 if it is a resumed session */
 	UF_M_SCAN = 17,    /* register new anonymous mappings; REPLY payload = (start, len)... */
 	UF_M_MOVE = 18,    /* payload (src, dst, len)...: UFFDIO_MOVE each run to the scratch;
-			    * REPLY payload = (src, len) pairs actually moved, a = pages skipped */
+			    * REPLY payload = (src, len) pairs actually moved, a = pages skipped.
+			    * b, c (version 2): a scratch range [b, b+c) to madvise DONTNEED after
+			    * the reply is sent - the previous batch's half of the scratch area,
+			    * emptied while the manager reads this batch's half */
 	UF_M_DONTNEED = 19,/* payload (start, len)...: madvise DONTNEED (scratch only) */
 	UF_M_DETACH = 20,  /* unregister everything, close the uffd, stop the agent thread */
 	UF_M_GIVE_UFFD = 21,/* the uffd of this (forked) process, to keep as a duplicate */

@@ -63,6 +63,14 @@
 
 #define PG 4096ULL
 #define LEAF_SHIFT 9
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
 #define LEAF_N (1u << LEAF_SHIFT)
 
 /* An entry: bits 0-2 state, bit 3 DROPPED, bits 4-47 the store's handle (a 16-byte
@@ -435,49 +443,90 @@ static int ring_wait(struct io_uring *r, struct io_uring_cqe **cqe)
 
 /* ---- parallel compression ----
  * One process-wide helper thread takes the second half of a batch while the caller
- * compresses the first: eviction throughput is bound by LZ4 when the target is idle,
- * and the manager usually has a second CPU.  A caller that finds the helper busy (two
- * stores evicting at once) compresses everything itself. */
+ * does the first: eviction throughput is bound by LZ4 when the target is idle, and the
+ * manager usually has a second CPU.  A caller that finds the helper busy (two stores
+ * evicting at once) does everything itself.  Each thread compresses a page into a
+ * small buffer of its own (it stays in L1) and copies the result straight into the
+ * page's blob: no batch-sized output buffer, no second pass over it. */
 #define CB 4160 /* >= LZ4_COMPRESSBOUND(4096), a multiple of 64 */
 
 struct zjob {
+	uf_store *s;
 	const char *base;
-	const uint64_t *offs;
-	char *out;
-	int32_t *lens;
+	const uint64_t *offs; /* page i at base + offs[i] (NULL: base + i * 4096) */
+	uint64_t *handles;
 	size_t lo, hi;
-	int accel;
+	size_t stop;    /* out: the first page not stored (hi when all were) */
+	uint64_t bytes; /* out: blob bytes of the pages stored */
 };
 
-static void zjob_run(const struct zjob *j)
-{
-	size_t i;
+#define ZGROUP 16 /* pages compressed between two takes of the store lock */
 
-	for (i = j->lo; i < j->hi; i++) {
-		const char *src = j->base + (j->offs ? j->offs[i] : i * PG);
-		j->lens[i] = LZ4_compress_fast(src, j->out + i * CB, (int)PG, CB, j->accel);
+static void zjob_run(struct zjob *j)
+{
+	static __thread char tmp[ZGROUP][CB] __attribute__((aligned(64)));
+	uf_store *s = j->s;
+	size_t i = j->lo, g, m;
+
+	j->bytes = 0;
+	while (i < j->hi) {
+		uint32_t len[ZGROUP];
+		unsigned char *b[ZGROUP];
+		m = j->hi - i < ZGROUP ? j->hi - i : ZGROUP;
+		for (g = 0; g < m; g++) {
+			int c = LZ4_compress_fast(j->base + (j->offs ? j->offs[i + g] : (i + g) * PG), tmp[g],
+						  (int)PG, CB, s->accel);
+			/* incompressible (or nearly): stored raw, header length 0 */
+			len[g] = (c > 0 && c < (int)PG - 64) ? (uint32_t)c : (uint32_t)PG;
+		}
+		st_lock(s);
+		for (g = 0; g < m; g++) {
+			b[g] = blob_alloc(s, len[g] + 4);
+			if (b[g] && (uintptr_t)b[g] >> 48) { /* not representable in an entry */
+				blob_free(s, b[g], len[g] + 4);
+				b[g] = NULL;
+			}
+			if (!b[g])
+				break;
+		}
+		st_unlock(s);
+		for (m = g, g = 0; g < m; g++, i++) {
+			const char *src = j->base + (j->offs ? j->offs[i] : i * PG);
+			mem_hdr((uintptr_t)b[g])[0] = len[g] == PG ? 0 : (uint16_t)len[g];
+			mem_hdr((uintptr_t)b[g])[1] = 1;
+			memcpy(b[g] + 4, len[g] == PG ? src : tmp[g], len[g]);
+			j->handles[i] = (uint64_t)(uintptr_t)b[g];
+			j->bytes += len[g] + 4;
+		}
+		if (m < ZGROUP && i < j->hi)
+			break; /* no blob: the store is out of memory */
 	}
+	j->stop = i;
 }
 
+/* The helper: par_start() gives it fn(arg) if it is free (returns 1; par_wait() waits
+ * for it), else returns 0 and the caller does that part itself. */
 static struct {
 	pthread_mutex_t lock;
 	pthread_cond_t cv;
-	int started, busy, has_job, done;
-	struct zjob job;
-} zpool = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, 0, { 0 } };
+	int started, busy, done;
+	void (*fn)(void *);
+	void *arg; /* the caller's, until done */
+} zpool = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL };
 
-static void *zpool_main(void *arg)
+static void *zpool_main(void *unused)
 {
-	(void)arg;
+	(void)unused;
 	pthread_mutex_lock(&zpool.lock);
 	for (;;) {
-		while (!zpool.has_job)
+		while (!zpool.fn)
 			pthread_cond_wait(&zpool.cv, &zpool.lock);
-		struct zjob j = zpool.job;
+		void (*fn)(void *) = zpool.fn;
+		void *arg = zpool.arg;
 		pthread_mutex_unlock(&zpool.lock);
-		zjob_run(&j);
+		fn(arg);
 		pthread_mutex_lock(&zpool.lock);
-		zpool.has_job = 0;
+		zpool.fn = NULL;
 		zpool.done = 1;
 		pthread_cond_broadcast(&zpool.cv);
 	}
@@ -489,76 +538,85 @@ static void zpool_atfork_child(void)
 {
 	pthread_mutex_init(&zpool.lock, NULL);
 	pthread_cond_init(&zpool.cv, NULL);
-	zpool.started = zpool.busy = zpool.has_job = zpool.done = 0;
+	zpool.started = zpool.busy = zpool.done = 0;
+	zpool.fn = NULL;
 }
 static pthread_once_t zpool_once = PTHREAD_ONCE_INIT;
 static void zpool_init_once(void) { pthread_atfork(NULL, NULL, zpool_atfork_child); }
 
-/* Compress pages [0, n) into out (CB bytes each), lens[i] = LZ4 result (<= 0: failed). */
-static void compress_pages(const char *base, const uint64_t *offs, size_t n, char *out, int32_t *lens,
-			   int accel)
+static int par_start(void (*fn)(void *), void *arg)
 {
-	struct zjob all = { base, offs, out, lens, 0, n, accel };
-	int helped = 0;
+	int taken = 0;
 
-	if (n >= 32) {
-		pthread_once(&zpool_once, zpool_init_once);
-		pthread_mutex_lock(&zpool.lock);
-		if (!zpool.started) {
-			pthread_t t;
-			pthread_attr_t at;
-			pthread_attr_init(&at);
-			pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
-			if (pthread_create(&t, &at, zpool_main, NULL) == 0)
-				zpool.started = 1;
-			pthread_attr_destroy(&at);
-		}
-		if (zpool.started && !zpool.busy) {
-			zpool.busy = 1;
-			zpool.job = all;
-			zpool.job.lo = n / 2;
-			zpool.has_job = 1;
-			zpool.done = 0;
-			pthread_cond_broadcast(&zpool.cv);
-			helped = 1;
-			all.hi = n / 2;
-		}
-		pthread_mutex_unlock(&zpool.lock);
+	pthread_once(&zpool_once, zpool_init_once);
+	pthread_mutex_lock(&zpool.lock);
+	if (!zpool.started) {
+		pthread_t t;
+		pthread_attr_t at;
+		pthread_attr_init(&at);
+		pthread_attr_setdetachstate(&at, PTHREAD_CREATE_DETACHED);
+		if (pthread_create(&t, &at, zpool_main, NULL) == 0)
+			zpool.started = 1;
+		pthread_attr_destroy(&at);
 	}
-	zjob_run(&all);
-	if (helped) {
-		pthread_mutex_lock(&zpool.lock);
-		while (!zpool.done)
-			pthread_cond_wait(&zpool.cv, &zpool.lock);
-		zpool.busy = 0;
-		pthread_mutex_unlock(&zpool.lock);
+	if (zpool.started && !zpool.busy) {
+		zpool.busy = 1;
+		zpool.fn = fn;
+		zpool.arg = arg;
+		zpool.done = 0;
+		pthread_cond_broadcast(&zpool.cv);
+		taken = 1;
 	}
+	pthread_mutex_unlock(&zpool.lock);
+	return taken;
 }
 
-/* This thread's compression buffer (reused: a fresh one per batch would cost a page
- * fault per 4 KiB). */
-static pthread_key_t zbuf_key;
-static pthread_once_t zbuf_once = PTHREAD_ONCE_INIT;
-static void zbuf_key_init(void) { pthread_key_create(&zbuf_key, free); }
-
-static char *zbuf(size_t n, int32_t **lens)
+static void par_wait(void)
 {
-	static __thread char *buf;
-	static __thread size_t cap;
+	pthread_mutex_lock(&zpool.lock);
+	while (!zpool.done)
+		pthread_cond_wait(&zpool.cv, &zpool.lock);
+	zpool.busy = 0;
+	pthread_mutex_unlock(&zpool.lock);
+}
 
-	pthread_once(&zbuf_once, zbuf_key_init);
-	if (n > cap) {
-		size_t c = n < 1024 ? 1024 : n;
-		char *nb = malloc(c * (CB + sizeof(int32_t)));
-		if (!nb)
-			return NULL;
-		free(buf);
-		buf = nb;
-		cap = c;
-		pthread_setspecific(zbuf_key, buf); /* freed when the thread exits */
+static void zjob_run_v(void *j) { zjob_run(j); }
+
+/* Memory store: compress pages [0, n) into blobs, handles[i] for each.  Returns the
+ * number stored, a prefix: when a blob cannot be had, the pages after the first
+ * failure are let go even if the other thread stored them. */
+static size_t compress_pages(uf_store *s, const char *base, const uint64_t *offs, size_t n,
+			     uint64_t *handles)
+{
+	struct zjob mine = { s, base, offs, handles, 0, n, 0, 0 }, other = mine;
+	int helped = 0;
+	size_t i, stored;
+
+	if (n >= 32) {
+		other.lo = n / 2;
+		helped = par_start(zjob_run_v, &other);
+		if (helped)
+			mine.hi = n / 2;
 	}
-	*lens = (int32_t *)(buf + cap * CB);
-	return buf;
+	zjob_run(&mine);
+	if (helped)
+		par_wait();
+	stored = mine.stop;
+	st_lock(s);
+	if (helped && mine.stop < mine.hi) { /* a hole in the middle: the rest goes */
+		for (i = other.lo; i < other.stop; i++) {
+			uint16_t *hd = mem_hdr(handles[i]);
+			uint32_t len = hd[0] ? hd[0] : (uint32_t)PG;
+			other.bytes -= len + 4;
+			blob_free(s, (void *)(uintptr_t)handles[i], len + 4);
+		}
+	} else if (helped) {
+		stored = other.stop;
+	}
+	s->st.bytes_stored += mine.bytes + (helped ? other.bytes : 0);
+	s->st.slots_used += stored;
+	st_unlock(s);
+	return stored;
 }
 
 /* Store n pages, page i at base + offs[i] (offs NULL: base + i * 4096); handles_out[i]
@@ -575,27 +633,10 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 	if (s->kind == UF_STORE_EXTERNAL)
 		return -EOPNOTSUPP; /* its owner stores the pages */
 	if (s->kind == UF_STORE_MEMORY) {
-		int32_t *lens;
-		char *out = zbuf(n, &lens);
-		if (!out)
-			return -ENOMEM;
-		compress_pages(base, offs, n, out, lens, s->accel); /* no lock: touches no state */
+		i = compress_pages(s, base, offs, n, handles_out); /* takes the lock per blob */
 		st_lock(s);
-		for (i = 0; i < n; i++) {
-			int c = lens[i];
-			uint32_t len = (c > 0 && c < (int)PG - 64) ? (uint32_t)c : (uint32_t)PG;
-			unsigned char *b = blob_alloc(s, len + 4);
-			if (!b || (uintptr_t)b >> 48) {
-				err = -ENOMEM;
-				break;
-			}
-			mem_hdr((uintptr_t)b)[0] = len == PG ? 0 : (uint16_t)len;
-			mem_hdr((uintptr_t)b)[1] = 1;
-			memcpy(b + 4, len == PG ? PAGE_AT(i) : out + i * CB, len);
-			handles_out[i] = (uint64_t)(uintptr_t)b;
-			s->st.bytes_stored += len + 4;
-			s->st.slots_used++;
-		}
+		if (i < n)
+			err = -ENOMEM;
 	} else {
 		st_lock(s);
 		for (i = 0; i < n; i++) {
@@ -1467,7 +1508,7 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 	uint64_t *slots = NULL;
 	int64_t stored = 0;
 	size_t i, npages = 0, nput = 0;
-	uint64_t *putoff = NULL;
+	uint64_t *putoff = NULL, t0, t1;
 	int rc = 0;
 
 	memset(res, 0, sizeof(*res));
@@ -1487,6 +1528,7 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 	/* 1. pages to put, gathered contiguously */
 	if (rc == 0)
 		nput = pages_to_put(pt, read, nread, buf, putoff, npages);
+	t0 = mono_ns();
 	if (nput) {
 		/* straight from the staging buffer (page aligned: O_DIRECT works) */
 		stored = store_put_pages(pt->store, (const char *)(uintptr_t)buf, putoff, nput, slots);
@@ -1505,10 +1547,13 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 			}
 		}
 	}
+	t1 = mono_ns();
 	rc = commit_core(pt, moved, nmoved, read, nread, buf, putoff, slots, nput, stored, rc, res);
 	finish_copybacks(pt);
 	free(slots);
 	free(putoff);
+	__atomic_fetch_add(&pt->st.ns_put, t1 - t0, __ATOMIC_RELAXED);
+	__atomic_fetch_add(&pt->st.ns_commit, mono_ns() - t1, __ATOMIC_RELAXED);
 	return rc;
 }
 
@@ -2219,6 +2264,64 @@ int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t m
 	return (int64_t)i;
 }
 
+struct rjob {
+	int pid;
+	const uint64_t *loc, *rem;
+	size_t n;
+	int64_t got;
+};
+
+static void rjob_run(void *a)
+{
+	struct rjob *r = a;
+	r->got = uf_process_vm_readv(r->pid, r->loc, r->n, r->rem, r->n);
+}
+
+/* Read the (batch offset, len) runs `need` (want bytes in all) from scratch in the
+ * target to buf: two process_vm_readv calls in parallel for a big batch (the helper
+ * takes the second half), one otherwise.  loc and rem hold nneed + 1 pairs.  Returns
+ * the bytes read (want when all went well) or -errno. */
+static int64_t read_pages(int pid, const uint64_t *need, size_t nneed, uint64_t want, uint64_t buf,
+			  uint64_t scratch, uint64_t *loc, uint64_t *rem)
+{
+	uint64_t acc = 0, half = want >= 256 * PG ? (want / 2) & ~(PG - 1) : want;
+	size_t i, k = 0, cut = 0;
+	struct rjob second;
+
+	for (i = 0; i < nneed; i++) {
+		uint64_t o = need[2 * i], n = need[2 * i + 1];
+		if (!cut && acc + n > half && acc < half) { /* this run straddles the middle */
+			uint64_t a = half - acc;
+			loc[2 * k] = buf + o;
+			rem[2 * k] = scratch + o;
+			loc[2 * k + 1] = rem[2 * k + 1] = a;
+			k++;
+			o += a;
+			n -= a;
+			acc += a;
+		}
+		if (!cut && acc >= half)
+			cut = k;
+		loc[2 * k] = buf + o;
+		rem[2 * k] = scratch + o;
+		loc[2 * k + 1] = rem[2 * k + 1] = n;
+		k++;
+		acc += n;
+	}
+	if (!cut || cut >= k)
+		return uf_process_vm_readv(pid, loc, k, rem, k);
+	second = (struct rjob){ pid, loc + 2 * cut, rem + 2 * cut, k - cut, 0 };
+	if (!par_start(rjob_run, &second))
+		return uf_process_vm_readv(pid, loc, k, rem, k);
+	int64_t first = uf_process_vm_readv(pid, loc, cut, rem, cut);
+	par_wait();
+	if (first < 0)
+		return first;
+	if ((uint64_t)first < half)
+		return first; /* short: the caller sees got != want */
+	return second.got < 0 ? second.got : first + second.got;
+}
+
 static int cmp_pair(const void *a, const void *b)
 {
 	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
@@ -2235,6 +2338,7 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 {
 	uint64_t *mo = malloc((nmoved ? nmoved : 1) * 2 * sizeof(uint64_t));
 	uint64_t *pres = NULL, *need = NULL, *loc = NULL, *rem = NULL, used = 0, want = 0;
+	uint64_t t0 = mono_ns(), t1;
 	int64_t npres = 0, nneed = 0, got;
 	size_t i, k;
 	int rc = 0;
@@ -2345,19 +2449,20 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 			goto out;
 		}
 		if (nneed) {
-			loc = malloc((size_t)nneed * 2 * sizeof(uint64_t));
-			rem = malloc((size_t)nneed * 2 * sizeof(uint64_t));
+			/* one more entry: a run may be cut in two where the halves meet */
+			loc = malloc(((size_t)nneed + 1) * 2 * sizeof(uint64_t));
+			rem = malloc(((size_t)nneed + 1) * 2 * sizeof(uint64_t));
 			if (!loc || !rem) {
 				rc = -ENOMEM;
 				goto out;
 			}
-			for (i = 0; i < (size_t)nneed; i++) {
-				loc[2 * i] = buf + need[2 * i];
-				rem[2 * i] = scratch + need[2 * i];
-				loc[2 * i + 1] = rem[2 * i + 1] = need[2 * i + 1];
+			for (i = 0; i < (size_t)nneed; i++)
 				want += need[2 * i + 1];
-			}
-			got = uf_process_vm_readv(pid, loc, (size_t)nneed, rem, (size_t)nneed);
+			t1 = mono_ns();
+			__atomic_fetch_add(&pt->st.ns_find, t1 - t0, __ATOMIC_RELAXED);
+			got = read_pages(pid, need, (size_t)nneed, want, buf, scratch, loc, rem);
+			t0 = mono_ns();
+			__atomic_fetch_add(&pt->st.ns_read, t0 - t1, __ATOMIC_RELAXED);
 			if (got != (int64_t)want) {
 				rc = got < 0 ? (int)got : -EIO;
 				goto out;

@@ -147,6 +147,10 @@ struct uf_pt_stats {
 		pages_out_zero, put_failures, store_errors;
 	uint64_t pages_clean, pages_transit, pages_evicted, pages_zero, table_bytes, epoch,
 		readahead_window, fault_around;
+	/* eviction time in C, nanoseconds: finding the moved pages in the scratch area,
+	 * reading them (process_vm_readv), storing them (compression included), deciding
+	 * every page (commit) */
+	uint64_t ns_find, ns_read, ns_put, ns_commit;
 	uint64_t lat_hist[64]; /* bucket b: [2^p (1 + f/4) - 1, ...) us with p = b / 4, f = b % 4 */
 };
 struct uf_commit {

@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import anyio
 
-VERSION = 1
+VERSION = 2  # 2: MOVE takes a scratch range to empty after its reply (b, c)
 MAXWORDS = 8192
 ENV_SOCK = "UFFDIO_AGENT_SOCK"
 

@@ -64,7 +64,7 @@ NR_CLOSE, NR_MMAP, NR_IOCTL, NR_MUNMAP, NR_MADVISE, NR_USERFAULTFD = 3, 9, 16, 1
 UFFDIO_MOVE = 0xC028AA05
 MOVE_ALLOW_SRC_HOLES = 2
 MOVE_STRUCT = struct.Struct("<QQQQq")  # dst, src, len, mode, move
-SCRATCH = 4 << 20
+SCRATCH = 16 << 20  # two halves (see swap.py)
 CTL = 64 << 10
 MAX_MOVES = CTL // MOVE_STRUCT.size
 
@@ -258,6 +258,7 @@ class AttachedProcess(ManagedProcess):
         self.ctl = 0
         self.rseq_areas: list[tuple[int, int]] = []
         self._pinned: frozenset[int] = frozenset()  # never moved (see the module docstring)
+        self._zap_failed: tuple[int, int] | None = None  # a scratch zap to try again
 
     def _set_rseq_areas(self, areas: list[tuple[int, int]]) -> None:
         self.rseq_areas = areas
@@ -315,10 +316,19 @@ class AttachedProcess(ManagedProcess):
                     words += [a, ln]
         return words
 
-    async def _op_move(self, triples: Sequence[int]) -> tuple[Sequence[int], int]:
+    @property
+    def zap_with_move(self) -> bool:
+        return True  # the zap is one more call in the move's injection session
+
+    async def _op_move(
+        self, triples: Sequence[int], zap: tuple[int, int] | None = None
+    ) -> tuple[Sequence[int], int]:
         moved: list[int] = []
         skipped = 0
         todo = []
+        if self._zap_failed is not None:  # an earlier zap that failed: before anything moves
+            await self._op_dontneed(list(self._zap_failed))
+            self._zap_failed = None
         ends = await anyio.to_thread.run_sync(vma_ends, self.pid)
         for i in range(0, len(triples), 3):
             src, dst, ln = triples[i : i + 3]
@@ -339,6 +349,8 @@ class AttachedProcess(ManagedProcess):
         skipped += sum(n_ for _s, _d, n_ in todo[MAX_MOVES:]) // PAGE
         chunk = todo[:MAX_MOVES]
         if not chunk:
+            if zap is not None and zap[1]:
+                await self._op_dontneed(list(zap))
             return moved, skipped
         blob = b"".join(MOVE_STRUCT.pack(d, s, n, MOVE_ALLOW_SRC_HOLES, 0) for s, d, n in chunk)
         await anyio.to_thread.run_sync(write_memory, self.pid, [(self.ctl, len(blob))], blob)
@@ -348,7 +360,12 @@ class AttachedProcess(ManagedProcess):
             # rseq area after all (a list from an earlier session can be stale)
             calls.append((UF_CALL_UNLESS_RSEQ, s_, n_))
             calls.append((NR_IOCTL, self.target_fd, UFFDIO_MOVE, self.ctl + i * MOVE_STRUCT.size))
+        if zap is not None and zap[1]:
+            calls.append((NR_MADVISE, zap[0], zap[1], 4))  # the previous batch's scratch half
         rets = await self._inject(calls)
+        if zap is not None and zap[1] and rets[-1] < 0:
+            # never an error here: the pages above did move; the next move retries it
+            self._zap_failed = zap
         back = bytearray(len(blob))
         await anyio.to_thread.run_sync(read_memory, self.pid, [(self.ctl, len(blob))], back)
         for i, (s_, _d, n_) in enumerate(chunk):

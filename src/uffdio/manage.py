@@ -179,6 +179,8 @@ class ManagedProcess:
         self.event_fork = False
         self.scratch = 0
         self.scratch_len = 0
+        #: the agent's protocol version (from its HELLO)
+        self.agent_version = 0
         #: registered regions as of the last scan: [(start, length)]
         self.regions: list[tuple[int, int]] = []
         #: why the process is not managed (no uffd), or None
@@ -221,6 +223,8 @@ class ManagedProcess:
         words: Sequence[int] = (),
         *,
         a: int = 0,
+        b: int = 0,
+        c: int = 0,
         fd: int = -1,
         timeout: float | None = 60.0,  # noqa: ASYNC109
     ) -> P.Msg:
@@ -235,7 +239,7 @@ class ManagedProcess:
             await P.send(
                 self._sock,
                 P.pack(
-                    type, 0, seq, a, 0, 0, words if isinstance(words, array.array) else list(words)
+                    type, 0, seq, a, b, c, words if isinstance(words, array.array) else list(words)
                 ),
                 fd,
             )
@@ -270,11 +274,25 @@ class ManagedProcess:
         check(r.a, "uffdio agent scan", f"pid {self.pid}")
         return r.words
 
-    async def _op_move(self, triples: Sequence[int]) -> tuple[Sequence[int], int]:
-        """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped)."""
+    #: whether _op_move can empty a scratch range along with the move (agent version 2)
+    @property
+    def zap_with_move(self) -> bool:
+        return self.agent_version >= 2
+
+    async def _op_move(
+        self, triples: Sequence[int], zap: tuple[int, int] | None = None
+    ) -> tuple[Sequence[int], int]:
+        """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped).
+        ``zap`` (start, length): a scratch range, disjoint from the destinations, whose
+        pages were read already - emptied once the moves are done (by the agent after
+        its reply, while we read this batch; needs :attr:`zap_with_move`)."""
+        zs, zl = zap if zap is not None else (0, 0)
+        if zl and not self.zap_with_move:
+            await self._op_dontneed([zs, zl])
+            zl = 0
         # no timeout: a MOVE the agent runs late (a stopped program) must still be waited
         # for - its pages would otherwise be moved behind the books' back
-        r = await self.request(P.M_MOVE, triples, timeout=None)
+        r = await self.request(P.M_MOVE, triples, b=zs, c=zl, timeout=None)
         if r.a < 0:
             raise error_for(-r.a, "evict: UFFDIO_MOVE", f"pid {self.pid}")
         return r.words, r.b
@@ -950,7 +968,7 @@ class Manager:
             self._retire(old)
         proc = ManagedProcess(self, pid, ppid, conn)
         if len(words) >= 3:
-            proc.scratch, proc.scratch_len = words[1], words[2]
+            proc.agent_version, proc.scratch, proc.scratch_len = words[0], words[1], words[2]
         proc.event_fork = bool(h.flags & P.AF_EVENT_FORK)
         uffd_fd = h.fd
         if h.c < 0:

@@ -18,6 +18,12 @@ sequential faults read ahead.  Python only chooses victims and runs eviction bat
    UFFDIO_ZEROPAGE), marks them EVICTED and lets waiting faults go on.  A page the store
    refuses (full, I/O error) is installed back: the eviction of that page is aborted,
    nothing is lost, and the error is reported.
+5. The scratch pages are freed (MADV_DONTNEED in the target).  Batches alternate between
+   the two halves of the scratch area: the agent empties the half of batch N (read and
+   committed) right after it answered the MOVE of batch N+1 into the other half, so the
+   zap runs while we read and compress; the next MOVE into that half waits for it
+   (the agent handles requests in order).  The last half is emptied before ``evict``
+   returns.
 
 The limit: the engine counts pages it brings in; when the count reaches the limit a
 fault that would add a page waits until eviction has made room (the policy is woken at
@@ -241,12 +247,18 @@ MAX_VICTIM_RUNS = 1 << 16
 MAX_BATCH_RUNS = 2048
 
 
+def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
+    """Whether (start, length) ranges a and b share a byte."""
+    return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
+
+
 @dataclass
 class _Proc:
     proc: ManagedProcess
     pt: CData
     pagemap: int = -1  # /proc/PID/pagemap, for PAGEMAP_SCAN
-    staging: Any = None  # mmap of the scratch size: where moved pages are read to
+    staging: Any = None  # while evicting: where moved pages are read to (see Swap._stagings)
+    zap: tuple[int, int] | None = None  # a scratch range read and committed, not yet emptied
     resident: int = 0  # pages, at the last scan
     shared: int = 0  # resident pages shared with another process (after fork)
     events: int = 0  # the engine's event count when the regions were last asked for
@@ -299,6 +311,9 @@ class Swap:
         #: seconds spent per eviction phase (scan for victims, the agent's MOVE, read +
         #: store put + commit, the agent's zap of the scratch area)
         self.evict_seconds = {"scan": 0.0, "move": 0.0, "collect": 0.0, "zap": 0.0}
+        #: staging buffers (one per eviction in progress, kept for the next: a fresh one
+        #: would cost a page fault per page)
+        self._stagings: list[mmap.mmap] = []
 
     # -- wiring (called by Manager) --
     def attach(self, proc: ManagedProcess) -> None:
@@ -523,14 +538,40 @@ class Swap:
             if proc._fenced:
                 return 0
             cap = proc.scratch_len // PAGE - 1  # the last scratch page is the pairing probe
+            halves = proc.zap_with_move and cap >= 64
+            if halves:
+                cap //= 2
+            side = 0
             off = 0  # candidates before off were offered to an earlier batch
-            while off < ncand and total < want and not proc.exited:
-                n, off = await self._batch(p, cand, ncand, off, min(cap, want - total))
-                total += n
+            if p.zap is not None:  # left by an earlier call whose last zap failed
+                await proc._op_dontneed(list(p.zap))
+                p.zap = None
+            size = cap * PAGE
+            p.staging = next((b for b in self._stagings if len(b) >= size), None)
+            if p.staging is None:
+                p.staging = mmap.mmap(-1, size)
+            else:
+                self._stagings.remove(p.staging)
+            try:
+                while off < ncand and total < want and not proc.exited:
+                    base = proc.scratch + side * cap * PAGE
+                    n, off = await self._batch(p, cand, ncand, off, min(cap, want - total), base)
+                    total += n
+                    side ^= halves
+            finally:
+                if p.zap is not None and not proc.exited:
+                    # the last batch's half: the scratch area is left empty (when this
+                    # fails, the next call tries again before it moves anything)
+                    with anyio.CancelScope(shield=True), contextlib.suppress(UffdError):
+                        await proc._op_dontneed(list(p.zap))
+                        p.zap = None
+                self._stagings.append(p.staging)
+                del self._stagings[:-4]
+                p.staging = None
         return total
 
     async def _batch(
-        self, p: _Proc, cand: CData, ncand: int, first: int, maxpages: int
+        self, p: _Proc, cand: CData, ncand: int, first: int, maxpages: int, scratch: int
     ) -> tuple[int, int]:
         """One batch from cand[first:]: returns (pages evicted, next candidate index)."""
         proc = p.proc
@@ -552,9 +593,7 @@ class Swap:
             cand[2 * nxt] = last_end
             cand[2 * nxt + 1] -= shift
         triples = array.array("Q", bytes(24 * nr))
-        lib.uf_pt_batch_triples(p.pt, proc.scratch, ffi.from_buffer("uint64_t[]", triples), nr)
-        if p.staging is None:
-            p.staging = mmap.mmap(-1, proc.scratch_len)
+        lib.uf_pt_batch_triples(p.pt, scratch, ffi.from_buffer("uint64_t[]", triples), nr)
         buf = int(ffi.cast("uintptr_t", ffi.from_buffer(p.staging)))
         res = ffi.new("struct uf_commit *")
         empty = ffi.new("uint64_t[2]")
@@ -562,17 +601,31 @@ class Swap:
         # reply would not stop the agent from moving the pages, and pages moved out
         # behind the table's back would read as zeros.
         with anyio.CancelScope(shield=True):
-            done = await self._batch_finish(p, triples, buf, res, empty, nxt)
+            done = await self._batch_finish(p, triples, buf, res, empty, nxt, scratch)
         return done
 
     async def _batch_finish(
-        self, p: _Proc, triples: array.array[int], buf: int, res: CData, empty: CData, nxt: int
+        self,
+        p: _Proc,
+        triples: array.array[int],
+        buf: int,
+        res: CData,
+        empty: CData,
+        nxt: int,
+        scratch: int,
     ) -> tuple[int, int]:
         proc = p.proc
         ph = self.evict_seconds
         t0 = time.perf_counter()
         try:
-            moved_words, skipped = await proc._op_move(triples)
+            # the other half's pages (the previous batch) are emptied along with this
+            # move - never the half this batch moves into
+            zap = p.zap
+            if zap is not None and _overlap(zap, (scratch, sum(triples[2::3]))):
+                await proc._op_dontneed(list(zap))
+                zap = p.zap = None
+            moved_words, skipped = await proc._op_move(triples, zap)
+            p.zap = None
         except BaseException:
             # nothing was moved (or the process is gone): every page goes back to its state
             lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
@@ -587,7 +640,7 @@ class Swap:
                 p.pt,
                 proc.pid,
                 p.pagemap,
-                proc.scratch,
+                scratch,
                 ffi.from_buffer("uint64_t[]", moved),
                 len(moved) // 2,
                 buf,
@@ -609,7 +662,10 @@ class Swap:
         t2 = time.perf_counter()
         ph["collect"] += t2 - t1
         if used[0]:
-            await proc._op_dontneed([proc.scratch, int(used[0])])
+            if proc.zap_with_move:
+                p.zap = (scratch, int(used[0]))  # emptied by the next move, or at the end
+            else:
+                await proc._op_dontneed([scratch, int(used[0])])
         ph["zap"] += time.perf_counter() - t2
         proc.stats["pages_skipped"] += skipped
         proc.stats["evictions"] += 1
@@ -682,6 +738,10 @@ class Swap:
                 "epoch",
                 "readahead_window",
                 "fault_around",
+                "ns_find",
+                "ns_read",
+                "ns_put",
+                "ns_commit",
             )
         }
         out["lat_hist"] = [int(st.lat_hist[i]) for i in range(C_LAT_BUCKETS)]
@@ -740,7 +800,15 @@ class Swap:
             "managed_pages_max": self.managed_pages_max,
             "errors": list(self.errors),
             "rounds": self.rounds,
-            "evict_seconds": {k: round(v, 4) for k, v in self.evict_seconds.items()},
+            "evict_seconds": {
+                **{k: round(v, 4) for k, v in self.evict_seconds.items()},
+                # the C side of "collect": finding the moved pages in the scratch area,
+                # reading them, storing them (compression included), deciding them
+                **{
+                    f"collect_{k}": round(tot.get(f"ns_{k}", 0) / 1e9, 4)
+                    for k in ("find", "read", "put", "commit")
+                },
+            },
         }
 
     async def run(self) -> None:
