@@ -3,6 +3,7 @@ limit, and `uffdio run --limit`.  Real processes, real uffds, every byte checked
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -614,3 +615,74 @@ async def test_cancelled_evictions_lose_nothing(with_swap: bool) -> None:
         assert await prog.close() == 0
     if sw is not None:
         sw.close()
+
+
+@pytest.mark.parametrize("agent_version", [2, 1], ids=["zap-with-move", "zap-alone"])
+async def test_eviction_batches_alternate_scratch_halves(agent_version: int) -> None:
+    """Batches alternate between the two halves of the scratch area, the agent emptying
+    the previous half after it answered the next MOVE (protocol 2); an agent of protocol 1
+    gets one synchronous zap per batch.  Either way every byte comes back and the scratch
+    area is empty when evict() returns."""
+    sw = Swap(policy="none")
+    async with Manager(swap=sw) as m:
+        size = 40 << 20  # five batches of half a scratch area (8 MiB)
+        prog = Prog(m, size)
+        proc = await prog.spawned.process()
+        addr_s, digest = (await prog.cmd("fill", 17)).split()
+        addr = int(addr_s)
+        assert proc.agent_version == 2
+        proc.agent_version = agent_version
+        assert proc.zap_with_move == (agent_version >= 2)
+        await proc.scan()
+        npages = size // PAGE
+        n = await proc.evict([(addr, size)])
+        assert n == npages
+        assert not any(present(proc.pid, addr, npages))
+        assert not any(present(proc.pid, proc.scratch, proc.scratch_len // PAGE))
+        ph = sw.statistics()["evict_seconds"]
+        assert ph["collect_read"] > 0 and ph["collect_put"] > 0, ph
+        assert await prog.cmd("digest") == digest
+        # again, with the program rewriting everything while its pages go
+        out: list[str] = []
+
+        async def writer() -> None:
+            out.append(await prog.cmd("write", 0, size, 3))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(writer)
+            await proc.evict([(addr, size)])
+        assert out
+        await proc.evict([(addr, size)])
+        assert not any(present(proc.pid, proc.scratch, proc.scratch_len // PAGE))
+        want = await prog.cmd("digest")
+        await prog.cmd("write", 0, size, 3)  # the same bytes again: nothing was lost
+        assert await prog.cmd("digest") == want
+        assert await prog.close() == 0
+    sw.close()
+
+
+async def test_agent_refuses_a_zap_outside_its_scratch_area() -> None:
+    """The range a MOVE request asks the agent to empty must lie in the scratch area and
+    be page aligned: anything else is refused (EINVAL) before anything moves."""
+    from uffdio import _agentproto as P
+
+    sw = Swap(policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 1 << 20)
+        proc = await prog.spawned.process()
+        addr_s, digest = (await prog.cmd("fill", 5)).split()
+        addr = int(addr_s)
+        s, n = proc.scratch, proc.scratch_len
+        for zs, zl in [
+            (addr, PAGE),  # the program's own memory
+            (s - PAGE, 2 * PAGE),  # starts before the scratch area
+            (s + n - PAGE, 2 * PAGE),  # ends after it
+            (s + 1, PAGE),  # unaligned
+            (s, PAGE + 1),
+        ]:
+            r = await proc.request(P.M_MOVE, [addr, s, PAGE], b=zs, c=zl)
+            assert r.a == -errno.EINVAL, (zs, zl, r.a)
+        assert all(present(proc.pid, addr, 256))
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0
+    sw.close()
