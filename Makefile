@@ -32,6 +32,7 @@ bench: setup
 	$(PY) -m uffdio bench evict --size 256M --rounds 3 --sparse 2 --json > bench/results/evict-sparse2.json
 	$(PY) -m uffdio bench faults --json > bench/results/faults-same.json
 	$(PY) -m uffdio bench faults --json --placement split > bench/results/faults-split.json
+	$(PY) -m uffdio bench dirty --size 64M --fractions 0.01,0.1,1 --rounds 3 --json > bench/results/dirty-64M.json
 	$(PY) scripts/bench-table.py bench/results
 
 lint: setup

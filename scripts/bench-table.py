@@ -35,6 +35,24 @@ def main() -> int:
                 f"- eviction into the memory store, {ev['size_bytes'] >> 20} MiB, data "
                 f"compressing x{ratio}: median {ev['mb_per_s_median']:.0f} MB/s"
             )
+    f = d / "dirty-64M.json"
+    if f.exists():
+        dt = json.loads(f.read_text())
+        print(
+            f"\nDirty tracking, {dt['size_bytes'] >> 20} MiB, {dt['pattern']} writes "
+            "(overhead per written page over the bare writes, median of rounds)\n"
+        )
+        print(
+            "| pages written | write-protect faults (us) | WP_ASYNC + PAGEMAP_SCAN (us) |"
+            " one scan, nothing written (ms) |"
+        )
+        print("|---|---|---|---|")
+        for fr, r in dt["fractions"].items():
+            print(
+                f"| {float(fr):.0%} | {r['wp']['overhead_us_per_written_page']} | "
+                f"{r['async']['overhead_us_per_written_page']} | "
+                f"{r['async']['scan_clean_s_median'] * 1e3:.3f} |"
+            )
     return 0
 
 

@@ -121,6 +121,42 @@ def test_bench_evict_bad_input(args: list[str], message: str) -> None:
     assert message in r.stderr, r.stderr
 
 
+def test_bench_dirty_tracks_exactly_the_written_pages() -> None:
+    """bench dirty: for each fraction, write-protect faults and WP_ASYNC + PAGEMAP_SCAN each
+    found exactly the pages written (the C program exits 1 otherwise), every write landed,
+    and the JSON carries every run and the per-page figures."""
+    r = run("dirty", "--size", "8M", "--fractions", "0.05,1", "--rounds", "2", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert set(res["fractions"]) == {"0.05", "1.0"}
+    for f, want in (("0.05", int(0.05 * 2048)), ("1.0", 2048)):
+        fr = res["fractions"][f]
+        assert len(fr["runs"]) == 6  # 3 modes x 2 rounds
+        for x in fr["runs"]:
+            assert x["written"] == want and x["pages"] == 2048
+            # write-protect faults: one message handled per written page; WP_ASYNC: none
+            assert x["faults_handled"] == (want if x["mode"] == "wp" else 0)
+        for mode in ("wp", "async"):
+            assert fr[mode]["total_s_median"] > 0
+            assert "overhead_us_per_written_page" in fr[mode]
+        assert fr["cheaper"] in ("wp", "async")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--size", "1500K"], "a whole number of MiB"),
+        (["--fractions", "0.5,2"], "--fractions"),
+        (["--fractions", "half"], "--fractions"),
+        (["--rounds", "0"], "--rounds"),
+    ],
+)
+def test_bench_dirty_bad_input(args: list[str], message: str) -> None:
+    r = run("dirty", *args, timeout=60)
+    assert r.returncode == 2
+    assert message in r.stderr, r.stderr
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401

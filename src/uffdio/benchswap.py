@@ -49,16 +49,16 @@ class BenchError(Exception):
 # -- the target ------------------------------------------------------------------------
 
 
-def target_source() -> str:
-    return (resources.files("uffdio") / "progs" / "swapbench.c").read_text()
+def target_source(name: str = "swapbench") -> str:
+    return (resources.files("uffdio") / "progs" / f"{name}.c").read_text()
 
 
-def build_target(cache: Path | None = None) -> Path:
-    """Compile swapbench.c (once per source version) and return the executable."""
-    src = target_source()
+def build_target(cache: Path | None = None, name: str = "swapbench") -> Path:
+    """Compile progs/NAME.c (once per source version) and return the executable."""
+    src = target_source(name)
     tag = hashlib.sha256(src.encode()).hexdigest()[:12]
     base = cache or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "uffdio"
-    exe = base / f"swapbench-{tag}"
+    exe = base / f"{name}-{tag}"
     if exe.exists():
         return exe
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -66,11 +66,11 @@ def build_target(cache: Path | None = None) -> Path:
         raise BenchError("no C compiler: install gcc (apt-get install gcc) or set CC")
     base.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=base) as tmp:
-        c = Path(tmp) / "swapbench.c"
+        c = Path(tmp) / f"{name}.c"
         c.write_text(src)
-        out = Path(tmp) / "swapbench"
+        out = Path(tmp) / name
         r = subprocess.run(
-            [cc, "-O2", "-o", str(out), str(c), "-lm"], capture_output=True, text=True
+            [cc, "-O2", "-pthread", "-o", str(out), str(c), "-lm"], capture_output=True, text=True
         )
         if r.returncode != 0:
             raise BenchError(f"compiling the benchmark target failed:\n{r.stderr}")
@@ -555,8 +555,22 @@ def add_parsers(bsub: Any) -> None:
         "compresses about 5x with LZ4, 2 about 1.5x, 1 not at all",
     )
     e.add_argument("--json", action="store_true", help="print only the JSON result")
+    d = bsub.add_parser(
+        "dirty",
+        help="dirty-page tracking: write-protect faults vs WP_ASYNC + PAGEMAP_SCAN",
+    )
+    d.add_argument("--size", default="64M", help="the tracked range (default 64M)")
+    d.add_argument(
+        "--fractions",
+        default="0.01,0.1,1",
+        help="fractions of its pages written per round, a comma list (default 0.01,0.1,1)",
+    )
+    d.add_argument("--pattern", default="rand", choices=["seq", "rand"])
+    d.add_argument("--rounds", type=int, default=3)
+    d.add_argument("--json", action="store_true", help="print only the JSON result")
     s.set_defaults(func=run_swap)
     e.set_defaults(func=run_evict)
+    d.set_defaults(func=run_dirty)
 
 
 def _check_size_and_store(size: int, store: str) -> None:
@@ -631,4 +645,86 @@ def run_evict(args: argparse.Namespace) -> int:
                 f"{r['mb_per_s']:.0f} MB/s (store x{r['compression_ratio']})"
             )
         print(f"median {res['mb_per_s_median']:.0f} MB/s into {args.store}")
+    return 0
+
+
+# -- dirty-page tracking -------------------------------------------------------------------
+
+DIRTY_MODES = ("bare", "wp", "async")
+
+
+def bench_dirty(size: int, fractions: list[float], pattern: str, rounds: int) -> dict[str, Any]:
+    """Run progs/dirtybench.c: per fraction of pages written, the cost of learning which
+    pages were written with write-protect faults (what uffdio does for CLEAN pages) and
+    with WP_ASYNC + PAGEMAP_SCAN, beside the bare writes; modes alternate within a round."""
+    if size < (1 << 20) or size % (1 << 20):
+        raise BenchError(f"--size {size} bytes: a whole number of MiB (e.g. 64M)")
+    exe = build_target(name="dirtybench")
+    out: dict[str, Any] = {
+        "benchmark": "dirty",
+        "size_bytes": size,
+        "pattern": pattern,
+        "machine": _machine(),
+        "fractions": {},
+    }
+    for f in fractions:
+        r = subprocess.run(
+            [str(exe), str(size >> 20), repr(f), str(rounds), pattern],
+            capture_output=True,
+            text=True,
+        )
+        if r.returncode != 0:
+            raise BenchError(f"dirtybench {size >> 20} MiB, fraction {f}: {r.stderr.strip()}")
+        runs = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+        summary: dict[str, Any] = {"runs": runs}
+        for mode in DIRTY_MODES:
+            mine = [x for x in runs if x["mode"] == mode]
+            written = mine[0]["written"]
+            tracked = [x["write_s"] + x["collect_s"] + x["rearm_s"] for x in mine]
+            summary[mode] = {
+                "write_s_median": statistics.median(x["write_s"] for x in mine),
+                "total_s_median": statistics.median(tracked),
+                "us_per_written_page": round(statistics.median(tracked) / written * 1e6, 3),
+            }
+            if mode == "async":
+                summary[mode]["scan_clean_s_median"] = statistics.median(
+                    x["scan_clean_s"] for x in mine
+                )
+        bare = summary["bare"]["total_s_median"]
+        for mode in ("wp", "async"):
+            m = summary[mode]
+            m["overhead_us_per_written_page"] = round(
+                (m["total_s_median"] - bare) / runs[0]["written"] * 1e6, 3
+            )
+        summary["cheaper"] = min(("wp", "async"), key=lambda m: summary[m]["total_s_median"])
+        out["fractions"][str(f)] = summary
+    return out
+
+
+def run_dirty(args: argparse.Namespace) -> int:
+    try:
+        (size,) = _sizes(args, "size")
+        try:
+            fractions = [float(x) for x in args.fractions.split(",") if x]
+        except ValueError:
+            fractions = []
+        if not fractions or any(not 0 < f <= 1 for f in fractions):
+            raise BenchError(f"--fractions {args.fractions!r}: numbers in (0, 1], comma separated")
+        if args.rounds < 1:
+            raise BenchError("--rounds must be at least 1")
+        res = bench_dirty(size, fractions, args.pattern, args.rounds)
+    except BenchError as exc:
+        print(f"uffdio bench dirty: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res, indent=2))
+        return 0
+    print(f"{size >> 20} MiB tracked, {args.pattern} writes; overhead per written page (us)")
+    print(f"{'fraction':>9s}{'wp faults':>12s}{'wp_async':>12s}{'scan, clean (ms)':>18s}")
+    for f, r in res["fractions"].items():
+        print(
+            f"{f:>9s}{r['wp']['overhead_us_per_written_page']:12.2f}"
+            f"{r['async']['overhead_us_per_written_page']:12.2f}"
+            f"{r['async']['scan_clean_s_median'] * 1e3:18.3f}"
+        )
     return 0
