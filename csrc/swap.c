@@ -291,6 +291,7 @@ void uf_store_get_stats(uf_store *s, struct uf_store_stats *out)
 	*out = s->st;
 	out->slots_cap = s->capslots;
 	out->meta_bytes = s->capslots * sizeof(uint16_t);
+	out->reserved_bytes = s->nchunks * BLOB_CHUNK;
 	st_unlock(s);
 }
 
@@ -366,6 +367,21 @@ static void blob_free(uf_store *s, void *b, size_t size)
 	s->freel[c] = b;
 }
 
+/* The memory store holds no page any more (lock held): give every chunk back to the
+ * system, so that the manager's memory goes down to nothing when the programs' pages have
+ * all come back or the programs exited.  slots_used counts every blob handed out, those
+ * still being filled by compress_pages included, so no blob is in use here. */
+static void blobs_release_if_empty(uf_store *s)
+{
+	if (s->kind != UF_STORE_MEMORY || s->st.slots_used || !s->nchunks)
+		return;
+	for (size_t i = 0; i < s->nchunks; i++)
+		munmap(s->chunks[i], BLOB_CHUNK);
+	s->nchunks = 0;
+	s->bump = s->bump_end = NULL;
+	memset(s->freel, 0, sizeof(s->freel));
+}
+
 /* Drop one reference to a handle (lock held). */
 static void slot_put_ref(uf_store *s, uint64_t h)
 {
@@ -379,6 +395,7 @@ static void slot_put_ref(uf_store *s, uint64_t h)
 			s->st.slots_used--;
 			s->st.discards++;
 			blob_free(s, hd, len + 4);
+			blobs_release_if_empty(s);
 		}
 	} else if (s->kind == UF_STORE_EXTERNAL) {
 		struct extref *r = ext_find(s, h >> 4, 0);
@@ -456,8 +473,7 @@ struct zjob {
 	const uint64_t *offs; /* page i at base + offs[i] (NULL: base + i * 4096) */
 	uint64_t *handles;
 	size_t lo, hi;
-	size_t stop;    /* out: the first page not stored (hi when all were) */
-	uint64_t bytes; /* out: blob bytes of the pages stored */
+	size_t stop; /* out: the first page not stored (hi when all were) */
 };
 
 #define ZGROUP 16 /* pages compressed between two takes of the store lock */
@@ -468,7 +484,6 @@ static void zjob_run(struct zjob *j)
 	uf_store *s = j->s;
 	size_t i = j->lo, g, m;
 
-	j->bytes = 0;
 	while (i < j->hi) {
 		uint32_t len[ZGROUP];
 		unsigned char *b[ZGROUP];
@@ -488,6 +503,9 @@ static void zjob_run(struct zjob *j)
 			}
 			if (!b[g])
 				break;
+			/* counted at once: the store is never seen empty while we fill it */
+			s->st.slots_used++;
+			s->st.bytes_stored += len[g] + 4;
 		}
 		st_unlock(s);
 		for (m = g, g = 0; g < m; g++, i++) {
@@ -496,7 +514,6 @@ static void zjob_run(struct zjob *j)
 			mem_hdr((uintptr_t)b[g])[1] = 1;
 			memcpy(b[g] + 4, len[g] == PG ? src : tmp[g], len[g]);
 			j->handles[i] = (uint64_t)(uintptr_t)b[g];
-			j->bytes += len[g] + 4;
 		}
 		if (m < ZGROUP && i < j->hi)
 			break; /* no blob: the store is out of memory */
@@ -588,7 +605,7 @@ static void zjob_run_v(void *j) { zjob_run(j); }
 static size_t compress_pages(uf_store *s, const char *base, const uint64_t *offs, size_t n,
 			     uint64_t *handles)
 {
-	struct zjob mine = { s, base, offs, handles, 0, n, 0, 0 }, other = mine;
+	struct zjob mine = { s, base, offs, handles, 0, n, 0 }, other = mine;
 	int helped = 0;
 	size_t i, stored;
 
@@ -602,20 +619,20 @@ static size_t compress_pages(uf_store *s, const char *base, const uint64_t *offs
 	if (helped)
 		par_wait();
 	stored = mine.stop;
-	st_lock(s);
 	if (helped && mine.stop < mine.hi) { /* a hole in the middle: the rest goes */
+		st_lock(s);
 		for (i = other.lo; i < other.stop; i++) {
 			uint16_t *hd = mem_hdr(handles[i]);
 			uint32_t len = hd[0] ? hd[0] : (uint32_t)PG;
-			other.bytes -= len + 4;
+			s->st.bytes_stored -= len + 4;
+			s->st.slots_used--;
 			blob_free(s, (void *)(uintptr_t)handles[i], len + 4);
 		}
+		blobs_release_if_empty(s);
+		st_unlock(s);
 	} else if (helped) {
 		stored = other.stop;
 	}
-	s->st.bytes_stored += mine.bytes + (helped ? other.bytes : 0);
-	s->st.slots_used += stored;
-	st_unlock(s);
 	return stored;
 }
 

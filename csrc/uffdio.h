@@ -141,6 +141,7 @@ typedef struct uf_budget uf_budget;
 struct uf_store_stats {
 	uint64_t slots_used, slots_cap, bytes_stored, bytes_in, puts, gets, get_errors, put_errors,
 		discards, meta_bytes;
+	uint64_t reserved_bytes; /* memory store: the chunks its blobs are carved from */
 };
 struct uf_pt_stats {
 	uint64_t swapins, readahead, first_touch, wp_faults, dirtied, pages_out, pages_out_clean,

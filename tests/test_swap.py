@@ -4,6 +4,7 @@ limit, and `uffdio run --limit`.  Real processes, real uffds, every byte checked
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import subprocess
@@ -685,4 +686,41 @@ async def test_agent_refuses_a_zap_outside_its_scratch_area() -> None:
         assert all(present(proc.pid, addr, 256))
         assert await prog.cmd("digest") == digest
         assert await prog.close() == 0
+    sw.close()
+
+
+async def test_memory_store_gives_its_memory_back() -> None:
+    """The memory store's chunks go back to the system when it holds no page any more:
+    after the program rewrote every evicted page (each store copy dropped) and after the
+    program exited."""
+    store = MemoryStore()
+    sw = Swap(store=store, policy="none")
+    async with Manager(swap=sw) as m:
+        size = 16 << 20
+        prog = Prog(m, size)
+        proc = await prog.spawned.process()
+        addr_s, _ = (await prog.cmd("fill", 23)).split()
+        await proc.scan()
+        assert await proc.evict([(int(addr_s), size)]) == size // PAGE
+        st = store.statistics()
+        assert st["pages"] == size // PAGE and st["reserved_bytes"] >= st["bytes"] > 0
+        await prog.cmd("write", 0, size, 4)  # every page written: no store copy is valid
+        want = await prog.cmd("digest")
+        st = store.statistics()
+        assert st["pages"] == 0 and st["bytes"] == 0, st
+        assert st["reserved_bytes"] == 0, st
+        # again, and this time the program exits with its pages in the store
+        assert await proc.evict([(int(addr_s), size)]) == size // PAGE
+        assert store.statistics()["reserved_bytes"] > 0
+        assert await prog.cmd("digest") == want  # read back: CLEAN, the copies stay
+        assert store.statistics()["pages"] == size // PAGE
+        assert await prog.close() == 0
+        await prog.spawned.wait()
+        for _ in range(100):  # the exit is seen by the manager a moment later
+            gc.collect()  # the page table goes with the last reference to it
+            if not store.statistics()["reserved_bytes"]:
+                break
+            await anyio.sleep(0.05)
+        st = store.statistics()
+        assert st["pages"] == 0 and st["reserved_bytes"] == 0, st
     sw.close()

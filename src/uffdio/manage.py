@@ -38,6 +38,7 @@ import errno
 import logging
 import mmap
 import os
+import select
 import signal
 import socket
 import stat
@@ -185,6 +186,8 @@ class ManagedProcess:
         self.scratch_len = 0
         #: the agent's protocol version (from its HELLO)
         self.agent_version = 0
+        #: the uffd's counters when it was closed after the process exited
+        self._final_uffd_stats: dict[str, int] | None = None
         #: registered regions as of the last scan: [(start, length)]
         self.regions: list[tuple[int, int]] = []
         #: why the process is not managed (no uffd), or None
@@ -642,9 +645,26 @@ class ManagedProcess:
     def statistics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"pid": self.pid, "ppid": self.ppid, **self.stats}
         if self.uffd is not None:
-            out.update(self.uffd.statistics())
+            out.update(self._final_uffd_stats or self.uffd.statistics())
         out["unmanaged_reason"] = self.unmanaged_reason
         return out
+
+
+def _dead(pid: int) -> bool:
+    """Whether pid has exited (a zombie counts; a pid already reused by another process
+    does not: it is alive, and nothing of ours is let go for it)."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    try:
+        p = select.poll()
+        p.register(fd, select.POLLIN)
+        return bool(p.poll(0))  # a pidfd is readable once its process exited
+    finally:
+        os.close(fd)
 
 
 def _page_present(pid: int, addr: int) -> bool:
@@ -1188,6 +1208,25 @@ class Manager:
             self.swap.detach(proc)
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
+        if self._tg is not None and proc.uffd is not None and _dead(proc.pid):
+            self._tg.start_soon(self._release_uffd, proc)
+
+    async def _release_uffd(self, proc: ManagedProcess) -> None:
+        """Close the uffd of a process that exited: its engine, its page table and the store
+        pages it held go with it (a long-running manager must not keep them until it stops).
+        Its counters are kept for statistics().  Not while the uffd still carries fork-event
+        uffds of children (closing it would close theirs)."""
+        u = proc.uffd
+        if u is None or u.closed:
+            return
+        for _ in range(500):  # the serving task was cancelled: it stops in a moment
+            if not u._serving:
+                break
+            await anyio.sleep(0.01)
+        if u._serving or u.children or u.closed:
+            return  # left for the manager's own close
+        proc._final_uffd_stats = u.statistics()
+        u.close()
 
     # ---- the store ------------------------------------------------------------------------
 

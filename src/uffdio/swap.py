@@ -97,6 +97,7 @@ class Store:
             "put_errors": st.put_errors,
             "discards": st.discards,
             "meta_bytes": st.meta_bytes,
+            "reserved_bytes": st.reserved_bytes,
         }
 
     def close(self) -> None:
