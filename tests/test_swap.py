@@ -626,7 +626,7 @@ async def test_eviction_batches_alternate_scratch_halves(agent_version: int) -> 
     area is empty when evict() returns."""
     sw = Swap(policy="none")
     async with Manager(swap=sw) as m:
-        size = 40 << 20  # five batches of half a scratch area (8 MiB)
+        size = 40 << 20  # batches of 1, 2, 4, 8, 8 ... MiB (FIRST_BATCH pages doubling)
         prog = Prog(m, size)
         proc = await prog.spawned.process()
         addr_s, digest = (await prog.cmd("fill", 17)).split()

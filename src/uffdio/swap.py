@@ -246,6 +246,9 @@ MAX_VICTIM_RUNS = 1 << 16
 #: runs per batch: the MOVE request (3 words a run) and its reply must fit one agent
 #: message (UF_AGENT_MAXWORDS = 8192 words)
 MAX_BATCH_RUNS = 2048
+#: pages in the first batch of an evict() call (the next ones double, up to half the scratch
+#: area)
+FIRST_BATCH = 256
 
 
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
@@ -553,12 +556,18 @@ class Swap:
                 p.staging = mmap.mmap(-1, size)
             else:
                 self._stagings.remove(p.staging)
+            # The first batch is small and each next one twice as big, up to the half: a
+            # fault on a page of a batch waits for the whole batch, so a policy's small
+            # evictions (a few MiB) keep those waits short, and a big eviction still gets
+            # big batches (fewer round trips to the agent).
+            step = min(cap, FIRST_BATCH)
             try:
                 while off < ncand and total < want and not proc.exited:
                     base = proc.scratch + side * cap * PAGE
-                    n, off = await self._batch(p, cand, ncand, off, min(cap, want - total), base)
+                    n, off = await self._batch(p, cand, ncand, off, min(step, want - total), base)
                     total += n
                     side ^= halves
+                    step = min(cap, 2 * step)
             finally:
                 if p.zap is not None and not proc.exited:
                     # the last batch's half: the scratch area is left empty (when this
