@@ -724,3 +724,36 @@ async def test_memory_store_gives_its_memory_back() -> None:
         st = store.statistics()
         assert st["pages"] == 0 and st["reserved_bytes"] == 0, st
     sw.close()
+
+
+async def test_a_policy_that_raises_does_not_stop_the_manager() -> None:
+    """A policy that raises is reported and started again; meanwhile the limit is lifted,
+    so threads waiting at it go on instead of waiting for a policy that is gone."""
+    from uffdio.swap import LimitPolicy
+
+    class Flaky(LimitPolicy):
+        name = "flaky"
+        runs = 0
+
+        async def run(self, swap: Swap) -> None:
+            Flaky.runs += 1
+            if Flaky.runs == 1:
+                await anyio.sleep(0.2)  # long enough for the program to reach the limit
+                raise RuntimeError("a bug in the policy")
+            await super().run(swap)
+
+    sw = Swap(limit=4 << 20, policy=Flaky())
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 16 << 20)
+        await prog.spawned.process()
+        _, digest = (await prog.cmd("fill", 41)).split()
+        assert await prog.cmd("digest") == digest
+        with anyio.fail_after(20):
+            while Flaky.runs < 2 or sw.statistics()["pages_evicted"] == 0:  # noqa: ASYNC110
+                await anyio.sleep(0.1)
+        st = sw.statistics()
+        assert st["policy_failures"] == 1
+        assert any("a bug in the policy" in e for e in st["errors"]), st["errors"]
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0
+    sw.close()

@@ -263,7 +263,11 @@ async def _status_line(sw: Any) -> None:
     last_t, last_f = time.monotonic(), 0
     while True:
         await anyio.sleep(0.5)
-        st = sw.statistics()
+        try:
+            st = sw.statistics()
+        except Exception as exc:  # a status line is not worth ending the manager for
+            sys.stderr.write(f"\r\x1b[Kuffdio: no status line: {exc!r}\n")
+            return
         now = time.monotonic()
         f = st["pages_swapped_in"]
         rate = (f - last_f) / max(1e-3, now - last_t)

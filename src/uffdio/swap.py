@@ -38,6 +38,7 @@ from __future__ import annotations
 import array
 import contextlib
 import errno
+import logging
 import math
 import mmap
 import os
@@ -56,6 +57,7 @@ if TYPE_CHECKING:
     from ._lib import CData
     from .manage import ManagedProcess, Manager
 
+log = logging.getLogger("uffdio")
 PAGE = 4096
 EVICTED = 3  # page state (csrc/uffdio.h UF_PG_EVICTED)
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
@@ -315,6 +317,8 @@ class Swap:
         #: seconds spent per eviction phase (scan for victims, the agent's MOVE, read +
         #: store put + commit, the agent's zap of the scratch area)
         self.evict_seconds = {"scan": 0.0, "move": 0.0, "collect": 0.0, "zap": 0.0}
+        #: times the policy raised and was started again (see run())
+        self.policy_failures = 0
         #: staging buffers (one per eviction in progress, kept for the next: a fresh one
         #: would cost a page fault per page)
         self._stagings: list[mmap.mmap] = []
@@ -810,6 +814,7 @@ class Swap:
             "managed_pages_max": self.managed_pages_max,
             "errors": list(self.errors),
             "rounds": self.rounds,
+            "policy_failures": self.policy_failures,
             "evict_seconds": {
                 **{k: round(v, 4) for k, v in self.evict_seconds.items()},
                 # the C side of "collect": finding the moved pages in the scratch area,
@@ -822,8 +827,27 @@ class Swap:
         }
 
     async def run(self) -> None:
-        """Run the policy until cancelled."""
-        await self.policy.run(self)
+        """Run the policy until cancelled.  A policy that raises (a bug in a user's policy,
+        or in ours) must not take the manager down - its programs would wait on their
+        faults forever: the error is reported, the limit lifted (faults waiting at it go
+        on), and the policy started again, with the limit, a second later."""
+        while True:
+            try:
+                await self.policy.run(self)
+                return
+            except Exception as exc:
+                msg = f"policy {self.policy.name!r} failed: {exc!r}; restarted in 1 s"
+                log.error("%s", msg, exc_info=True)
+                self.errors.append(msg)
+                del self.errors[:-20]
+                self.policy_failures += 1
+                limit = self.limit
+                if self._budget is not None:
+                    lib.uf_budget_set(self._budget, -1, -1)
+                    self._kick_all()
+                await anyio.sleep(1.0)
+                if self._budget is not None:
+                    self.set_limit(limit)
 
     async def wait_pressure(self, timeout: float) -> None:  # noqa: ASYNC109
         """Sleep until a fault waits at the limit, or ``timeout``."""
