@@ -30,6 +30,7 @@ bench: setup
 		--plot bench/results/swap-512M-128M.png > bench/results/swap-512M-128M.json
 	$(PY) -m uffdio bench evict --size 256M --rounds 3 --sparse 8 --json > bench/results/evict-sparse8.json
 	$(PY) -m uffdio bench evict --size 256M --rounds 3 --sparse 2 --json > bench/results/evict-sparse2.json
+	$(PY) -m uffdio bench evict --size 256M --rounds 3 --sparse 8 --store file:/var/tmp --json > bench/results/evict-file.json
 	$(PY) -m uffdio bench faults --json > bench/results/faults-same.json
 	$(PY) -m uffdio bench faults --json --placement split > bench/results/faults-split.json
 	$(PY) -m uffdio bench dirty --size 64M --fractions 0.01,0.1,1 --rounds 3 --json > bench/results/dirty-64M.json

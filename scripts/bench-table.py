@@ -26,14 +26,15 @@ def main() -> int:
             f" | {r.get('nolimit_time_s_median', '-')} | {r['ratio_median']} |"
         )
     print()
-    for name in ("evict-sparse8", "evict-sparse2"):
+    for name in ("evict-sparse8", "evict-sparse2", "evict-file"):
         f = d / f"{name}.json"
         if f.exists():
             ev = json.loads(f.read_text())
             ratio = ev["rounds"][0]["compression_ratio"]
             print(
-                f"- eviction into the memory store, {ev['size_bytes'] >> 20} MiB, data "
-                f"compressing x{ratio}: median {ev['mb_per_s_median']:.0f} MB/s"
+                f"- eviction into the store {ev['store']}, {ev['size_bytes'] >> 20} MiB"
+                + (f", data compressing x{ratio}" if ratio else "")
+                + f": median {ev['mb_per_s_median']:.0f} MB/s"
             )
     f = d / "dirty-64M.json"
     if f.exists():

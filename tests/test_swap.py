@@ -757,3 +757,51 @@ async def test_a_policy_that_raises_does_not_stop_the_manager() -> None:
         assert await prog.cmd("digest") == digest
         assert await prog.close() == 0
     sw.close()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="needs /dev/fuse (FUSE)")
+async def test_file_store_whose_reads_fail(tmp_path: Path) -> None:
+    """A swap file on a file system whose reads fail with EIO for a while (tests/progs/
+    flakyfs.py, FUSE): the program's threads that need an evicted page wait - they never
+    see zeros - the errors are counted, and once reads work again every byte comes back."""
+    mnt, flag = tmp_path / "mnt", tmp_path / "fail-reads"
+    mnt.mkdir()
+    fs = subprocess.Popen(
+        [sys.executable, str(PROGS / "flakyfs.py"), str(mnt), str(flag)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert fs.stdout is not None and fs.stdout.readline().strip() == "mounted"
+        # a limit far above the program's size: the policy evicts nothing itself but
+        # kicks the engines every round, which retries the failed reads
+        sw = Swap(store=FileStore(str(mnt)), limit=1 << 30)
+        async with Manager(swap=sw) as m:
+            size = 4 << 20
+            prog = Prog(m, size)
+            proc = await prog.spawned.process()
+            addr_s, digest = (await prog.cmd("fill", 13)).split()
+            await proc.scan()
+            assert await proc.evict([(int(addr_s), size)]) == size // PAGE
+            flag.touch()
+            out: list[str] = []
+
+            async def reader() -> None:
+                out.append(await prog.cmd("digest", timeout=60))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(reader)
+                with anyio.fail_after(20):
+                    while sw.statistics()["store_errors"]["get"] < 3:  # noqa: ASYNC110
+                        await anyio.sleep(0.05)
+                await anyio.sleep(0.3)
+                assert not out  # still waiting for its page: no zeros were handed out
+                errs = sw.statistics()["errors"]
+                assert any("reading the swap store" in e and "waits" in e for e in errs), errs
+                flag.unlink()
+            assert out == [digest]  # every byte, once the reads work again
+            assert await prog.close() == 0
+        sw.close()
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        fs.wait(timeout=10)

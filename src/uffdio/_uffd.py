@@ -1047,6 +1047,7 @@ class Userfaultfd:
                 C.FAIL_READ: "reading the uffd",
                 C.FAIL_RESOLVE: "resolving a fault",
                 C.FAIL_FILE: "reading the snapshot file",
+                C.FAIL_STORE: "reading the swap store",
             }.get(c, "engine")
             exc = error_for(err, f"engine: {what}", f"address {b:#x}")
             event = ErrorEvent(self, exc, b, c)

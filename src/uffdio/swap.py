@@ -341,6 +341,7 @@ class Swap:
             pm = -1  # exited already
         self.procs[proc.pid] = _Proc(proc, ffi.gc(pt, lib.uf_pt_unref), pm)
         self.exempt(proc)
+        proc.uffd.on_event(C.Event.ERROR, self._on_engine_error)
         if isinstance(self.store, PyStore):
             proc.uffd.on_fault(self._on_fault)
 
@@ -381,6 +382,18 @@ class Swap:
                 if rc < 0:  # the thread must not sleep forever: it faults again
                     lib.uf_wake(batch.uffd.fileno(), addr, PAGE)
                 break
+
+    async def _on_engine_error(self, ev: Any) -> None:
+        """A store read the engine could not do (the page's thread waits; the read is
+        tried again every policy round): say so, once per page.  Other engine errors keep
+        their usual course (a failed read of the uffd itself ends serving)."""
+        if ev.what == C.FAIL_READ:
+            raise ev.error
+        if ev.what == C.FAIL_STORE:
+            self._error(
+                f"{ev.error}: the thread that needs page {ev.address & ~(PAGE - 1):#x} waits; "
+                "the read is tried again every round"
+            )
 
     def _error(self, msg: str) -> None:
         if msg not in self.errors[-5:]:
