@@ -1323,8 +1323,12 @@ void uf_engine_free(uf_engine *e)
 		free(e->slots[i].buf);
 	for (i = 0; i < (int)e->nforks; i++) {
 		free(e->forks[i].rules);
+		if (e->forks[i].pt)
+			uf_pt_unbind(e->forks[i].pt, e->uffd);
 		uf_pt_unref(e->forks[i].pt);
 	}
+	if (e->pt)
+		uf_pt_unbind(e->pt, e->uffd);
 	uf_pt_unref(e->pt);
 	free(e->swbuf);
 	free(e->forks);

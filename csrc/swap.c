@@ -1035,6 +1035,19 @@ void uf_pt_bind(uf_pt *pt, int uffd, int kick_fd)
 	pthread_mutex_unlock(&pt->lock);
 }
 
+/* The engine of uffd is going away: a table that outlives it (held by an eviction in
+ * flight, or by a parent's list of children forked during a batch) must not use the fd
+ * numbers any more - they may soon belong to something else. */
+void uf_pt_unbind(uf_pt *pt, int uffd)
+{
+	pthread_mutex_lock(&pt->lock);
+	if (pt->uffd == uffd) {
+		pt->uffd = -1;
+		pt->kick_fd = -1;
+	}
+	pthread_mutex_unlock(&pt->lock);
+}
+
 void uf_pt_exempt(uf_pt *pt, uint32_t tid)
 {
 	pthread_mutex_lock(&pt->lock);

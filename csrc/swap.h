@@ -10,5 +10,6 @@ enum { SWAP_DONE = 0, SWAP_PARK = 1, SWAP_DEFER = 2, SWAP_PASS = 3 };
 int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t fa_end);
 void uf_swap_stamp(struct uf_msg *m);
 void uf_pt_bind(uf_pt *pt, int uffd, int kick_fd);
+void uf_pt_unbind(uf_pt *pt, int uffd);
 void uf_pt_event(uf_pt *pt, const struct uf_msg *m);
 #endif

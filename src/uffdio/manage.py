@@ -291,8 +291,8 @@ class ManagedProcess:
     ) -> tuple[Sequence[int], int]:
         """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped).
         ``zap`` (start, length): a scratch range, disjoint from the destinations, whose
-        pages were read already - emptied once the moves are done (by the agent after
-        its reply, while we read this batch; needs :attr:`zap_with_move`)."""
+        pages were read already - emptied by the agent after its reply, while we read
+        this batch (an agent without :attr:`zap_with_move` gets a zap request first)."""
         zs, zl = zap if zap is not None else (0, 0)
         if zl and not self.zap_with_move:
             await self._op_dontneed([zs, zl])
@@ -1139,7 +1139,8 @@ class Manager:
                         await proc._recover_finish()
                     # empty the scratch area: a paired child's probe page, or a copy of
                     # pages its parent was evicting when it forked (their rules are settled)
-                    await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
+                    async with proc._evict_lock:  # never under a MOVE in flight
+                        await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
                     await proc.scan()
                     proc._write_snapshot()
                     if proc.resumed:
@@ -1215,18 +1216,23 @@ class Manager:
         """Close the uffd of a process that exited: its engine, its page table and the store
         pages it held go with it (a long-running manager must not keep them until it stops).
         Its counters are kept for statistics().  Not while the uffd still carries fork-event
-        uffds of children (closing it would close theirs)."""
+        uffds of children (closing it would close theirs).  A page table that outlives the
+        engine (a parent's list of children forked during a batch) is unbound from its fds
+        in C."""
         u = proc.uffd
         if u is None or u.closed:
             return
-        for _ in range(500):  # the serving task was cancelled: it stops in a moment
-            if not u._serving:
-                break
-            await anyio.sleep(0.01)
-        if u._serving or u.children or u.closed:
-            return  # left for the manager's own close
-        proc._final_uffd_stats = u.statistics()
-        u.close()
+        # no eviction may hold its engine or page table now, nor start later
+        async with proc._evict_lock:
+            proc._fenced += 1
+            for _ in range(500):  # the serving task was cancelled: it stops in a moment
+                if not u._serving:
+                    break
+                await anyio.sleep(0.01)
+            if u._serving or u.children or u.closed:
+                return  # left for the manager's own close
+            proc._final_uffd_stats = u.statistics()
+            u.close()
 
     # ---- the store ------------------------------------------------------------------------
 

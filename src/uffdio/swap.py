@@ -341,7 +341,9 @@ class Swap:
             pm = -1  # exited already
         self.procs[proc.pid] = _Proc(proc, ffi.gc(pt, lib.uf_pt_unref), pm)
         self.exempt(proc)
-        proc.uffd.on_event(C.Event.ERROR, self._on_engine_error)
+        if self._on_engine_error not in proc.uffd._event_handlers.get(C.Event.ERROR, []):
+            # (a fork child's uffd may have its parent's handlers already)
+            proc.uffd.on_event(C.Event.ERROR, self._on_engine_error)
         if isinstance(self.store, PyStore):
             proc.uffd.on_fault(self._on_fault)
 
@@ -385,7 +387,7 @@ class Swap:
 
     async def _on_engine_error(self, ev: Any) -> None:
         """A store read the engine could not do (the page's thread waits; the read is
-        tried again every policy round): say so, once per page.  Other engine errors keep
+        tried again every policy round): say so (repeats are folded).  Other engine errors keep
         their usual course (a failed read of the uffd itself ends serving)."""
         if ev.what == C.FAIL_READ:
             raise ev.error
@@ -586,15 +588,15 @@ class Swap:
                     side ^= halves
                     step = min(cap, 2 * step)
             finally:
-                if p.zap is not None and not proc.exited:
-                    # the last batch's half: the scratch area is left empty (when this
-                    # fails, the next call tries again before it moves anything)
-                    with anyio.CancelScope(shield=True), contextlib.suppress(UffdError):
-                        await proc._op_dontneed(list(p.zap))
-                        p.zap = None
                 self._stagings.append(p.staging)
                 del self._stagings[:-4]
                 p.staging = None
+                if p.zap is not None and not proc.exited:
+                    # the last batch's half: the scratch area is left empty (when this
+                    # fails, the next call tries again before it moves anything)
+                    with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
+                        await proc._op_dontneed(list(p.zap))
+                        p.zap = None
         return total
 
     async def _batch(
@@ -859,7 +861,7 @@ class Swap:
                     lib.uf_budget_set(self._budget, -1, -1)
                     self._kick_all()
                 await anyio.sleep(1.0)
-                if self._budget is not None:
+                if self._budget is not None and self.limit == limit:  # not changed meanwhile
                     self.set_limit(limit)
 
     async def wait_pressure(self, timeout: float) -> None:  # noqa: ASYNC109
