@@ -76,7 +76,7 @@ def main() -> int:
         f" {st['pages_evicted_zero']} all-zero, not stored), swapped in {st['pages_swapped_in']}"
         f" ({st['pages_read_ahead']} read ahead)\n"
         f"swap-in latency in the manager: p50 {lat['p50']} us, p99 {lat['p99']} us\n"
-        f"store {st['store']}: {st['store_bytes'] / (1 << 20):.1f} MiB"
+        f"store {st['store']}: {st['store_bytes_peak'] / (1 << 20):.1f} MiB at its peak"
         + (f" (x{st['compression_ratio']} compression)" if st["compression_ratio"] else "")
         + f"; page-table metadata {st['metadata_bytes_per_page']} bytes per managed page\n"
         "every page was verified by the program on every access: no byte lost."

@@ -723,6 +723,10 @@ async def test_memory_store_gives_its_memory_back() -> None:
             await anyio.sleep(0.05)
         st = store.statistics()
         assert st["pages"] == 0 and st["reserved_bytes"] == 0, st
+        # the summary still says what the store held
+        sst = sw.statistics()
+        assert sst["store_bytes"] == 0 and sst["store_bytes_peak"] >= st["bytes_in"] // 8
+        assert sst["compression_ratio"] is not None  # (random data: about 1)
     sw.close()
 
 

@@ -298,7 +298,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"uffdio: limit {_mib(summary['limit_bytes'])}, managed resident peak "
                 f"{_mib(summary['peak_resident_bytes'])}; {summary['pages_evicted']} pages "
                 f"evicted, {summary['pages_swapped_in']} swapped in (p50 {lat['p50']} us, p99 "
-                f"{lat['p99']} us); store {summary['store']} {_mib(summary['store_bytes'])}",
+                f"{lat['p99']} us); store {summary['store']} {_mib(summary['store_bytes_peak'])}"
+                " at its peak",
                 file=sys.stderr,
             )
             for e in summary["errors"]:

@@ -319,6 +319,10 @@ class Swap:
         self.evict_seconds = {"scan": 0.0, "move": 0.0, "collect": 0.0, "zap": 0.0}
         #: times the policy raised and was started again (see run())
         self.policy_failures = 0
+        #: the most the store held (bytes) and its compression then: after the programs
+        #: exited the store is empty, and a summary still wants to say what it held
+        self.store_peak_bytes = 0
+        self._ratio_at_peak: float | None = None
         #: staging buffers (one per eviction in progress, kept for the next: a fresh one
         #: would cost a page fault per page)
         self._stagings: list[mmap.mmap] = []
@@ -384,6 +388,17 @@ class Swap:
                 if rc < 0:  # the thread must not sleep forever: it faults again
                     lib.uf_wake(batch.uffd.fileno(), addr, PAGE)
                 break
+
+    def _ratio(self, st: dict[str, int]) -> float | None:
+        if self.store.kind != "memory" or not st["bytes"]:
+            return None
+        return round(st["pages"] * PAGE / st["bytes"], 2)
+
+    def _note_store(self) -> None:
+        st = self.store.statistics()
+        if st["bytes"] >= self.store_peak_bytes:
+            self.store_peak_bytes = st["bytes"]
+            self._ratio_at_peak = self._ratio(st) or self._ratio_at_peak
 
     async def _on_engine_error(self, ev: Any) -> None:
         """A store read the engine could not do (the page's thread waits; the read is
@@ -699,6 +714,7 @@ class Swap:
         proc.stats["pages_skipped"] += skipped
         proc.stats["evictions"] += 1
         proc.stats["pages_evicted"] += int(res.evicted)
+        self._note_store()
         if res.put_error:
             msg = (
                 f"pid {proc.pid}: the store refused {res.failed} pages "
@@ -813,12 +829,12 @@ class Swap:
                 "parked_at_limit": int(lib.uf_budget_parked(self._budget)) if self._budget else 0,
             },
             "store_bytes": store["bytes"],
+            "store_bytes_peak": max(self.store_peak_bytes, store["bytes"]),
             "store_bytes_in": store["bytes_in"],
             "store_bytes_out": store["gets"] * PAGE,
             "store_errors": {"put": store["put_errors"], "get": store["get_errors"]},
-            "compression_ratio": round(store["bytes_in"] / store["bytes"], 2)
-            if store["bytes"] and self.store.kind == "memory"
-            else None,
+            # of what the store holds (or held at its peak, once it is empty)
+            "compression_ratio": self._ratio(store) or self._ratio_at_peak,
             "fault_latency_us": latency_percentiles(hist),
             "metadata_bytes_per_page": round(
                 self.metadata_per_page
