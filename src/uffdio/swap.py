@@ -23,7 +23,9 @@ sequential faults read ahead.  Python only chooses victims and runs eviction bat
    committed) right after it answered the MOVE of batch N+1 into the other half, so the
    zap runs while we read and compress; the next MOVE into that half waits for it
    (the agent handles requests in order).  The last half is emptied before ``evict``
-   returns.
+   returns (a zap that fails is tried again before anything else moves; a page left in
+   the scratch area is never lost: MOVE refuses a populated destination, and only pages
+   both present there and moved by this batch are read).
 
 The limit: the engine counts pages it brings in; when the count reaches the limit a
 fault that would add a page waits until eviction has made room (the policy is woken at
