@@ -64,6 +64,7 @@
 
 #define PG 4096ULL
 #define LEAF_SHIFT 9
+#define LEAF_N (1u << LEAF_SHIFT)
 
 static uint64_t mono_ns(void)
 {
@@ -72,7 +73,6 @@ static uint64_t mono_ns(void)
 	clock_gettime(CLOCK_MONOTONIC, &ts);
 	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
 }
-#define LEAF_N (1u << LEAF_SHIFT)
 
 /* An entry: bits 0-2 state, bit 3 DROPPED, bits 4-47 the store's handle (a 16-byte
  * aligned blob pointer for the memory store, slot << 4 for the file store), bits 48-63
@@ -488,10 +488,12 @@ static void zjob_run(struct zjob *j)
 	while (i < j->hi) {
 		uint32_t len[ZGROUP];
 		unsigned char *b[ZGROUP];
+		const char *src[ZGROUP];
 		m = j->hi - i < ZGROUP ? j->hi - i : ZGROUP;
 		for (g = 0; g < m; g++) {
-			int c = LZ4_compress_fast(j->base + (j->offs ? j->offs[i + g] : (i + g) * PG), tmp[g],
-						  (int)PG, CB, s->accel);
+			int c;
+			src[g] = j->base + (j->offs ? j->offs[i + g] : (i + g) * PG);
+			c = LZ4_compress_fast(src[g], tmp[g], (int)PG, CB, s->accel);
 			/* incompressible (or nearly): stored raw, header length 0 */
 			len[g] = (c > 0 && c < (int)PG - 64) ? (uint32_t)c : (uint32_t)PG;
 		}
@@ -510,10 +512,9 @@ static void zjob_run(struct zjob *j)
 		}
 		st_unlock(s);
 		for (m = g, g = 0; g < m; g++, i++) {
-			const char *src = j->base + (j->offs ? j->offs[i] : i * PG);
 			mem_hdr((uintptr_t)b[g])[0] = len[g] == PG ? 0 : (uint16_t)len[g];
 			mem_hdr((uintptr_t)b[g])[1] = 1;
-			memcpy(b[g] + 4, len[g] == PG ? src : tmp[g], len[g]);
+			memcpy(b[g] + 4, len[g] == PG ? src[g] : tmp[g], len[g]);
 			j->handles[i] = (uint64_t)(uintptr_t)b[g];
 		}
 		if (m < ZGROUP && i < j->hi)
@@ -1948,12 +1949,7 @@ int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nr
 
 /* ---- faults (engine thread) ------------------------------------------------------- */
 
-static uint64_t now_us(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (uint64_t)ts.tv_sec * 1000000ULL + (uint64_t)ts.tv_nsec / 1000;
-}
+static uint64_t now_us(void) { return mono_ns() / 1000; }
 
 static void latency(uf_pt *pt, const struct uf_msg *m)
 {

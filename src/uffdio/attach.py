@@ -296,8 +296,7 @@ class AttachedProcess(ManagedProcess):
         pass  # no agent keeps snapshots for an attached process (no takeover)
 
     def _local(self) -> int:
-        assert self.uffd is not None
-        return self.uffd.fileno()
+        return self._open_uffd().fileno()
 
     async def _op_scan(self) -> Sequence[int]:
         if _same_file(self.pid, self.target_fd, self._local()) is False:

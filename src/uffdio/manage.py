@@ -292,11 +292,10 @@ class ManagedProcess:
         """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped).
         ``zap`` (start, length): a scratch range, disjoint from the destinations, whose
         pages were read already - emptied by the agent after its reply, while we read
-        this batch (an agent without :attr:`zap_with_move` gets a zap request first)."""
+        this batch (only with :attr:`zap_with_move`: an older agent ignores it)."""
         zs, zl = zap if zap is not None else (0, 0)
         if zl and not self.zap_with_move:
-            await self._op_dontneed([zs, zl])
-            zl = 0
+            raise ValueError(f"pid {self.pid}: agent protocol {self.agent_version} cannot zap")
         # no timeout: a MOVE the agent runs late (a stopped program) must still be waited
         # for - its pages would otherwise be moved behind the books' back
         r = await self.request(P.M_MOVE, triples, b=zs, c=zl, timeout=None)
@@ -481,11 +480,19 @@ class ManagedProcess:
                 pages = check(rc, "evict: settle")
         return pages
 
+    def _open_uffd(self) -> Userfaultfd:
+        """The process's uffd - UffdProcessGone once the manager closed it because the
+        process exited (Manager._release_uffd), like any other use of a gone process."""
+        assert self.uffd is not None
+        if self.uffd.closed:
+            raise UffdProcessGone(errno.ESRCH, "uffdio", f"pid {self.pid} exited")
+        return self.uffd
+
     async def swap_in_all(self) -> int:
         """Bring every evicted page of this process back (UFFDIO_COPY).  Returns pages."""
         if self.uffd is None:
             return 0
-        e = self.uffd._engine_handle()
+        e = self._open_uffd()._engine_handle()
         deadline = time.monotonic() + 30
         sw_all = self.manager.swap
         sw = sw_all.procs.get(self.pid) if sw_all is not None else None

@@ -584,8 +584,7 @@ class Swap:
             side = 0
             off = 0  # candidates before off were offered to an earlier batch
             if p.zap is not None:  # left by an earlier call whose last zap failed
-                await proc._op_dontneed(list(p.zap))
-                p.zap = None
+                await self._zap(p)
             size = cap * PAGE
             p.staging = next((b for b in self._stagings if len(b) >= size), None)
             if p.staging is None:
@@ -612,9 +611,17 @@ class Swap:
                     # the last batch's half: the scratch area is left empty (when this
                     # fails, the next call tries again before it moves anything)
                     with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
-                        await proc._op_dontneed(list(p.zap))
-                        p.zap = None
+                        await self._zap(p)
         return total
+
+    async def _zap(self, p: _Proc) -> None:
+        """Empty p.zap's scratch range now, with a request of its own (timed as "zap"; the
+        zaps that ride along with a MOVE cost no time of ours)."""
+        assert p.zap is not None
+        t = time.perf_counter()
+        await p.proc._op_dontneed(list(p.zap))
+        p.zap = None
+        self.evict_seconds["zap"] += time.perf_counter() - t
 
     async def _batch(
         self, p: _Proc, cand: CData, ncand: int, first: int, maxpages: int, scratch: int
@@ -662,14 +669,17 @@ class Swap:
     ) -> tuple[int, int]:
         proc = p.proc
         ph = self.evict_seconds
-        t0 = time.perf_counter()
         try:
-            # the other half's pages (the previous batch) are emptied along with this
-            # move - never the half this batch moves into
+            # the previous batch's pages are emptied along with this move - unless they
+            # sit where this batch moves to (no halves) or the agent cannot (protocol 1):
+            # then first, on their own
             zap = p.zap
-            if zap is not None and _overlap(zap, (scratch, sum(triples[2::3]))):
-                await proc._op_dontneed(list(zap))
-                zap = p.zap = None
+            if zap is not None and (
+                not proc.zap_with_move or _overlap(zap, (scratch, sum(triples[2::3])))
+            ):
+                await self._zap(p)
+                zap = None
+            t0 = time.perf_counter()
             moved_words, skipped = await proc._op_move(triples, zap)
             p.zap = None
         except BaseException:
@@ -705,14 +715,9 @@ class Swap:
             if proc.exited:
                 lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)  # nobody is left
             raise error_for(-rc, "evict: reading the moved pages", f"pid {proc.pid}")
-        t2 = time.perf_counter()
-        ph["collect"] += t2 - t1
+        ph["collect"] += time.perf_counter() - t1
         if used[0]:
-            if proc.zap_with_move:
-                p.zap = (scratch, int(used[0]))  # emptied by the next move, or at the end
-            else:
-                await proc._op_dontneed([scratch, int(used[0])])
-        ph["zap"] += time.perf_counter() - t2
+            p.zap = (scratch, int(used[0]))  # emptied with the next move, or at the end
         proc.stats["pages_skipped"] += skipped
         proc.stats["evictions"] += 1
         proc.stats["pages_evicted"] += int(res.evicted)
@@ -722,9 +727,7 @@ class Swap:
                 f"pid {proc.pid}: the store refused {res.failed} pages "
                 f"({os.strerror(-res.put_error)}): they stay resident"
             )
-            if msg not in self.errors[-5:]:
-                self.errors.append(msg)
-                del self.errors[:-20]
+            self._error(msg)
             raise StoreFull(res.put_error, int(res.evicted))
         return int(res.evicted), nxt
 
@@ -871,8 +874,7 @@ class Swap:
             except Exception as exc:
                 msg = f"policy {self.policy.name!r} failed: {exc!r}; restarted in 1 s"
                 log.error("%s", msg, exc_info=True)
-                self.errors.append(msg)
-                del self.errors[:-20]
+                self._error(msg)
                 self.policy_failures += 1
                 limit = self.limit
                 if self._budget is not None:
