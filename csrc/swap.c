@@ -113,18 +113,45 @@ struct uf_store {
 	int fd, direct, ring_ok;
 	struct io_uring ring;
 	void *bounce;
-	/* memory: blobs carved from big chunks by 64-byte size class (no page fault per
-	 * blob, no malloc lock); a freed blob goes to its class's free list */
+	/* memory: blobs carved from big chunks by 64-byte class (no page fault per
+	 * blob, no malloc lock); a freed blob goes to its class's free list.  The chunks
+	 * are pages of a memfd (see struct mem_head) mapped at `base`; a handle is a
+	 * blob's offset in it, so a manager that maps the memfd anywhere can read it. */
 	void *freel[BLOB_CLASSES];
 	char *bump, *bump_end;
-	void **chunks;
-	size_t nchunks, capchunks;
+	char *base;
+	struct mem_head *head;
+	size_t nchunks;
+	int adopted; /* the memfd of a manager that died, taken over */
+	struct uf_store_stats *st, own_st; /* st: in the memfd for the memory store */
+};
+
+/* The memory store's memfd: this header at offset 0 (chunk 0 holds nothing else), then
+ * chunk k at k * BLOB_CHUNK.  The memfd outlives a killed manager in the agents that
+ * keep a duplicate (see uf_store_fd): the header says how many chunks are in use and
+ * keeps the counts, so that a manager taking over continues where it stopped. */
+#define MEM_MAGIC 0x55464644494f4d31ULL /* "UFFDIOM1" */
+#define MEM_RESERVE (1ULL << 36)	/* 64 GiB of address space, used as filled */
+struct mem_head {
+	uint64_t magic, version, nchunks, pad[5];
 	struct uf_store_stats st;
 };
 
 static uint64_t hash64(uint64_t k);
 static void st_lock(uf_store *s) { pthread_mutex_lock(&s->lock); }
 static void st_unlock(uf_store *s) { pthread_mutex_unlock(&s->lock); }
+
+static int mem_map(uf_store *s)
+{
+	void *m = mmap(NULL, MEM_RESERVE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, s->fd, 0);
+
+	if (m == MAP_FAILED)
+		return -1;
+	s->base = m;
+	s->head = m;
+	s->st = &s->head->st;
+	return 0;
+}
 
 uf_store *uf_store_memory(int accel, int *err)
 {
@@ -137,10 +164,65 @@ uf_store *uf_store_memory(int accel, int *err)
 	s->kind = UF_STORE_MEMORY;
 	s->users = 1;
 	s->accel = accel > 0 ? accel : 1;
-	s->fd = -1;
+	s->fd = memfd_create("uffdio-swap-store", MFD_CLOEXEC);
+	if (s->fd < 0 || ftruncate(s->fd, (off_t)MEM_RESERVE) < 0 || mem_map(s) < 0) {
+		*err = -errno;
+		if (s->fd >= 0)
+			close(s->fd);
+		free(s);
+		return NULL;
+	}
+	s->head->magic = MEM_MAGIC;
+	s->head->version = 1;
 	pthread_mutex_init(&s->lock, NULL);
 	*err = 0;
 	return s;
+}
+
+/* Take over the memory store of a manager that died (fd: its memfd, which the store
+ * now owns).  Blobs keep their reference counts; space freed before the takeover is
+ * not reused (the free lists died with the manager) until the store is empty again. */
+uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
+{
+	uf_store *s = calloc(1, sizeof(*s));
+	struct stat sb;
+
+	if (!s) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	s->kind = UF_STORE_MEMORY;
+	s->users = 1;
+	s->accel = accel > 0 ? accel : 1;
+	s->fd = fd;
+	if (fstat(fd, &sb) < 0 || (uint64_t)sb.st_size != MEM_RESERVE) {
+		*err = -EINVAL;
+		free(s);
+		return NULL;
+	}
+	if (mem_map(s) < 0) {
+		*err = -errno;
+		free(s);
+		return NULL;
+	}
+	if (s->head->magic != MEM_MAGIC || s->head->version != 1 ||
+	    s->head->nchunks >= MEM_RESERVE / BLOB_CHUNK) {
+		munmap(s->base, MEM_RESERVE);
+		free(s);
+		*err = -EBADMSG;
+		return NULL;
+	}
+	s->nchunks = s->head->nchunks;
+	s->adopted = 1;
+	pthread_mutex_init(&s->lock, NULL);
+	*err = 0;
+	return s;
+}
+
+/* The descriptor to hand to agents so that the store outlives us (-1: none can). */
+int uf_store_fd(uf_store *s)
+{
+	return s->kind == UF_STORE_MEMORY ? s->fd : -1;
 }
 
 /* The store takes ownership of fd (closed when the last page table lets go). */
@@ -154,6 +236,7 @@ uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err)
 		return NULL;
 	}
 	s->kind = UF_STORE_FILE;
+	s->st = &s->own_st;
 	s->users = 1;
 	s->fd = fd;
 	s->max_slots = max_bytes ? max_bytes / PG : (1ULL << 40);
@@ -186,6 +269,7 @@ uf_store *uf_store_external(int *err)
 		return NULL;
 	}
 	s->kind = UF_STORE_EXTERNAL;
+	s->st = &s->own_st;
 	s->users = 1;
 	s->fd = -1;
 	pthread_mutex_init(&s->lock, NULL);
@@ -256,10 +340,10 @@ int uf_store_external_add(uf_store *s, uint64_t key)
 	r = ext_find(s, key, 1);
 	if (r) {
 		r->refs++;
-		s->st.slots_used++;
-		s->st.puts++;
-		s->st.bytes_in += PG;
-		s->st.bytes_stored += PG;
+		s->st->slots_used++;
+		s->st->puts++;
+		s->st->bytes_in += PG;
+		s->st->bytes_stored += PG;
 	}
 	st_unlock(s);
 	return r ? 0 : -ENOMEM;
@@ -275,13 +359,12 @@ void uf_store_free(uf_store *s)
 	free(s->ext);
 	free(s->gone);
 	free(s->bounce);
-	for (size_t i = 0; i < s->nchunks; i++)
-		munmap(s->chunks[i], BLOB_CHUNK);
-	free(s->chunks);
+	if (s->base)
+		munmap(s->base, MEM_RESERVE);
 	if (s->ring_ok)
 		io_uring_queue_exit(&s->ring);
 	if (s->fd >= 0)
-		close(s->fd); /* the store owns the swap file's descriptor */
+		close(s->fd); /* the store owns the swap file's descriptor, or its memfd */
 	pthread_mutex_destroy(&s->lock);
 	free(s);
 }
@@ -289,7 +372,7 @@ void uf_store_free(uf_store *s)
 void uf_store_get_stats(uf_store *s, struct uf_store_stats *out)
 {
 	st_lock(s);
-	*out = s->st;
+	*out = *s->st;
 	out->slots_cap = s->capslots;
 	out->meta_bytes = s->capslots * sizeof(uint16_t);
 	out->reserved_bytes = s->nchunks * BLOB_CHUNK;
@@ -301,7 +384,7 @@ static uint64_t file_slot_alloc(uf_store *s)
 {
 	uint64_t i;
 
-	if (s->st.slots_used < s->nslots) { /* a freed slot exists: the cursor finds it */
+	if (s->st->slots_used < s->nslots) { /* a freed slot exists: the cursor finds it */
 		for (i = 0; i < s->nslots; i++) {
 			uint64_t k = (s->cursor + i) % s->nslots;
 			if (!s->refs[k]) {
@@ -324,9 +407,9 @@ static uint64_t file_slot_alloc(uf_store *s)
 	return ++s->nslots; /* slot k is refs[k - 1], file offset (k - 1) * 4096 */
 }
 
-static uint16_t *mem_hdr(uint64_t h) { return (uint16_t *)(uintptr_t)h; }
+static uint16_t *mem_hdr(uf_store *s, uint64_t h) { return (uint16_t *)(s->base + h); }
 
-/* A blob of `size` bytes (lock held): 64-byte aligned, below 2^48, or NULL. */
+/* A blob of `size` bytes (lock held): 64-byte aligned, or NULL. */
 static void *blob_alloc(uf_store *s, size_t size)
 {
 	size_t c = (size + BLOB_UNIT - 1) / BLOB_UNIT;
@@ -338,20 +421,15 @@ static void *blob_alloc(uf_store *s, size_t size)
 	}
 	size = c * BLOB_UNIT;
 	if (!s->bump || s->bump + size > s->bump_end) {
-		void *ch;
-		if (s->nchunks == s->capchunks) {
-			size_t nc = s->capchunks ? s->capchunks * 2 : 64;
-			void **n2 = realloc(s->chunks, nc * sizeof(*n2));
-			if (!n2)
-				return NULL;
-			s->chunks = n2;
-			s->capchunks = nc;
-		}
-		/* populated at once: one call instead of a fault per page */
-		ch = mmap(NULL, BLOB_CHUNK, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-		if (ch == MAP_FAILED)
+		char *ch;
+		if (s->nchunks + 1 >= MEM_RESERVE / BLOB_CHUNK)
 			return NULL;
-		s->chunks[s->nchunks++] = ch;
+		ch = s->base + (s->nchunks + 1) * BLOB_CHUNK;
+		/* populated at once: one call instead of a fault per page (ENOMEM: full) */
+		if (madvise(ch, BLOB_CHUNK, MADV_POPULATE_WRITE) < 0 && errno != EINVAL)
+			return NULL;
+		s->nchunks++;
+		s->head->nchunks = s->nchunks; /* before any blob of it is handed out */
 		s->bump = ch;
 		s->bump_end = (char *)ch + BLOB_CHUNK;
 	}
@@ -374,10 +452,11 @@ static void blob_free(uf_store *s, void *b, size_t size)
  * still being filled by compress_pages included, so no blob is in use here. */
 static void blobs_release_if_empty(uf_store *s)
 {
-	if (s->kind != UF_STORE_MEMORY || s->st.slots_used || !s->nchunks)
+	if (s->kind != UF_STORE_MEMORY || s->st->slots_used || !s->nchunks)
 		return;
-	for (size_t i = 0; i < s->nchunks; i++)
-		munmap(s->chunks[i], BLOB_CHUNK);
+	s->head->nchunks = 0;
+	fallocate(s->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)BLOB_CHUNK,
+		  (off_t)(s->nchunks * BLOB_CHUNK));
 	s->nchunks = 0;
 	s->bump = s->bump_end = NULL;
 	memset(s->freel, 0, sizeof(s->freel));
@@ -389,21 +468,21 @@ static void slot_put_ref(uf_store *s, uint64_t h)
 	if (!h)
 		return;
 	if (s->kind == UF_STORE_MEMORY) {
-		uint16_t *hd = mem_hdr(h);
+		uint16_t *hd = mem_hdr(s, h);
 		if (--hd[1] == 0) {
 			uint32_t len = hd[0] ? hd[0] : PG;
-			s->st.bytes_stored -= len + 4;
-			s->st.slots_used--;
-			s->st.discards++;
+			s->st->bytes_stored -= len + 4;
+			s->st->slots_used--;
+			s->st->discards++;
 			blob_free(s, hd, len + 4);
 			blobs_release_if_empty(s);
 		}
 	} else if (s->kind == UF_STORE_EXTERNAL) {
 		struct extref *r = ext_find(s, h >> 4, 0);
 		if (r && r->refs && --r->refs == 0) {
-			s->st.bytes_stored -= PG;
-			s->st.slots_used--;
-			s->st.discards++;
+			s->st->bytes_stored -= PG;
+			s->st->slots_used--;
+			s->st->discards++;
 			if (s->ngone == s->capgone) {
 				size_t nc = s->capgone ? s->capgone * 2 : 1024;
 				uint64_t *ng = realloc(s->gone, nc * sizeof(*ng));
@@ -418,9 +497,9 @@ static void slot_put_ref(uf_store *s, uint64_t h)
 	} else {
 		uint64_t k = h >> 4;
 		if (k && k <= s->nslots && s->refs[k - 1] && --s->refs[k - 1] == 0) {
-			s->st.bytes_stored -= PG;
-			s->st.slots_used--;
-			s->st.discards++;
+			s->st->bytes_stored -= PG;
+			s->st->slots_used--;
+			s->st->discards++;
 		}
 	}
 }
@@ -430,7 +509,7 @@ static void slot_get_ref(uf_store *s, uint64_t h)
 	if (!h)
 		return;
 	if (s->kind == UF_STORE_MEMORY) {
-		mem_hdr(h)[1]++;
+		mem_hdr(s, h)[1]++;
 	} else if (s->kind == UF_STORE_EXTERNAL) {
 		struct extref *r = ext_find(s, h >> 4, 0);
 		if (r)
@@ -500,22 +579,19 @@ static void zjob_run(struct zjob *j)
 		st_lock(s);
 		for (g = 0; g < m; g++) {
 			b[g] = blob_alloc(s, len[g] + 4);
-			if (b[g] && (uintptr_t)b[g] >> 48) { /* not representable in an entry */
-				blob_free(s, b[g], len[g] + 4);
-				b[g] = NULL;
-			}
 			if (!b[g])
 				break;
 			/* counted at once: the store is never seen empty while we fill it */
-			s->st.slots_used++;
-			s->st.bytes_stored += len[g] + 4;
+			s->st->slots_used++;
+			s->st->bytes_stored += len[g] + 4;
 		}
 		st_unlock(s);
 		for (m = g, g = 0; g < m; g++, i++) {
-			mem_hdr((uintptr_t)b[g])[0] = len[g] == PG ? 0 : (uint16_t)len[g];
-			mem_hdr((uintptr_t)b[g])[1] = 1;
+			uint16_t *hd = (uint16_t *)b[g];
+			hd[0] = len[g] == PG ? 0 : (uint16_t)len[g];
+			hd[1] = 1;
 			memcpy(b[g] + 4, len[g] == PG ? src[g] : tmp[g], len[g]);
-			j->handles[i] = (uint64_t)(uintptr_t)b[g];
+			j->handles[i] = (uint64_t)((char *)b[g] - s->base);
 		}
 		if (m < ZGROUP && i < j->hi)
 			break; /* no blob: the store is out of memory */
@@ -624,11 +700,11 @@ static size_t compress_pages(uf_store *s, const char *base, const uint64_t *offs
 	if (helped && mine.stop < mine.hi) { /* a hole in the middle: the rest goes */
 		st_lock(s);
 		for (i = other.lo; i < other.stop; i++) {
-			uint16_t *hd = mem_hdr(handles[i]);
+			uint16_t *hd = mem_hdr(s, handles[i]);
 			uint32_t len = hd[0] ? hd[0] : (uint32_t)PG;
-			s->st.bytes_stored -= len + 4;
-			s->st.slots_used--;
-			blob_free(s, (void *)(uintptr_t)handles[i], len + 4);
+			s->st->bytes_stored -= len + 4;
+			s->st->slots_used--;
+			blob_free(s, hd, len + 4);
 		}
 		blobs_release_if_empty(s);
 		st_unlock(s);
@@ -665,7 +741,7 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 				break;
 			}
 			s->refs[k2 - 1] = 1; /* reserved while written */
-			s->st.slots_used++;
+			s->st->slots_used++;
 			handles_out[i] = k2 << 4;
 		}
 		n = i;
@@ -709,7 +785,7 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 		}
 		for (i = k; i < n; i++) { /* give back what was not written */
 			s->refs[(handles_out[i] >> 4) - 1] = 0;
-			s->st.slots_used--;
+			s->st->slots_used--;
 		}
 		/* free slots at the end of the file may never have been written (holes past
 		 * what the filesystem gave us): forget them, so that the next put reuses the
@@ -718,13 +794,13 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 			s->nslots--;
 		if (s->cursor >= s->nslots)
 			s->cursor = 0;
-		s->st.bytes_stored += k * PG;
+		s->st->bytes_stored += k * PG;
 		i = k;
 	}
-	s->st.puts += i;
-	s->st.bytes_in += i * PG;
+	s->st->puts += i;
+	s->st->bytes_in += i * PG;
 	if (err)
-		s->st.put_errors++;
+		s->st->put_errors++;
 	st_unlock(s);
 	return i ? (int64_t)i : (err ? err : 0);
 #undef PAGE_AT
@@ -748,7 +824,7 @@ int uf_store_get(uf_store *s, uint64_t h, void *out)
 	if (s->kind == UF_STORE_MEMORY) {
 		/* a blob is immutable while referenced, and the caller holds a reference
 		 * through its page table entry: no lock needed */
-		uint16_t *hd = mem_hdr(h);
+		uint16_t *hd = mem_hdr(s, h);
 		const char *data = (const char *)hd + 4;
 		if (hd[0] == 0)
 			memcpy(out, data, PG);
@@ -773,14 +849,17 @@ int uf_store_get(uf_store *s, uint64_t h, void *out)
 			memcpy(out, dst, PG);
 	}
 	if (rc)
-		s->st.get_errors++;
+		s->st->get_errors++;
 	else
-		s->st.gets++;
+		s->st->gets++;
 	st_unlock(s);
 	return rc;
 }
 
 /* ==================================================================== page table */
+
+struct uf_pt;
+static void persist_batch(struct uf_pt *pt, uint64_t scratch);
 
 struct leafslot {
 	uint64_t key; /* (vpn >> LEAF_SHIFT) + 1; 0 = empty */
@@ -790,6 +869,31 @@ struct leafslot {
 struct remap {
 	uint64_t from, to, len;
 };
+
+/* A page table's memfd: the header, the batch in flight (its runs in batch order, where
+ * they went in the scratch area, the remaps since it began), a directory of leaf keys
+ * and the leaves.  Entries are written in place by the code below (8-byte stores, in
+ * an order that never lets an entry name a freed blob: see ent_swap), so the memfd is
+ * always a table that a manager taking over can trust (uf_pt_adopt, uf_pt_recover). */
+#define PT_MAGIC 0x55464644494f5431ULL /* "UFFDIOT1" */
+#define PT_RUNS_OFF 4096ULL
+#define PT_RUNS_MAX 16384ULL /* (addr, len) pairs */
+#define PT_LOG_OFF (PT_RUNS_OFF + PT_RUNS_MAX * 16)
+#define PT_LOG_MAX 4096ULL
+#define PT_DIR_OFF (1ULL << 20)
+#define PT_LEAVES_MAX (1ULL << 20) /* 2 TiB of a process's address space */
+#define PT_LEAF_OFF (PT_DIR_OFF + PT_LEAVES_MAX * 8)
+#define PT_SIZE (PT_LEAF_OFF + PT_LEAVES_MAX * LEAF_N * 8)
+struct pt_head {
+	uint64_t magic, version, store_kind, nleaves;
+	uint64_t nruns;	   /* the batch in flight: 0 when none */
+	uint64_t scratch;  /* where its pages are moved (0: not known yet) */
+	uint64_t nlog;	   /* remaps since it began */
+	uint64_t unknown;  /* its runs or remaps did not fit: find pages by state only */
+};
+#define PT_RUNS(pt) ((uint64_t *)((pt)->tmap + PT_RUNS_OFF))
+#define PT_LOG(pt) ((struct remap *)((pt)->tmap + PT_LOG_OFF))
+#define PT_DIR(pt) ((uint64_t *)((pt)->tmap + PT_DIR_OFF))
 
 struct uf_pt {
 	pthread_mutex_t lock;
@@ -802,6 +906,11 @@ struct uf_pt {
 
 	struct leafslot *tab;
 	size_t ntab, nleaves;
+	/* the table's memfd (see struct pt_head), mapped at tmap: its leaves and the batch
+	 * in flight outlive a killed manager in the agent, which keeps a duplicate */
+	int tfd;
+	char *tmap;
+	struct pt_head *th;
 
 	uint64_t counts[5]; /* pages per state (NONE counts only pages with an entry) */
 
@@ -920,6 +1029,19 @@ static int tab_grow(uf_pt *pt)
 	return 0;
 }
 
+/* A zeroed leaf for key from the memfd (lock held); the directory names it before the
+ * header counts it.  The caller puts it into the hash. */
+static uint64_t *leaf_new(uf_pt *pt, uint64_t key)
+{
+	uint64_t i = pt->th->nleaves;
+
+	if (i >= PT_LEAVES_MAX)
+		return NULL;
+	PT_DIR(pt)[i] = key;
+	__atomic_store_n(&pt->th->nleaves, i + 1, __ATOMIC_RELEASE);
+	return (uint64_t *)(pt->tmap + PT_LEAF_OFF + i * LEAF_N * 8);
+}
+
 /* The entry for addr; NULL when it has none (and create == 0 or no memory). */
 static uint64_t *ent_at(uf_pt *pt, uint64_t addr, int create)
 {
@@ -933,7 +1055,7 @@ static uint64_t *ent_at(uf_pt *pt, uint64_t addr, int create)
 			return NULL;
 		if ((pt->nleaves + 1) * 2 > pt->ntab && tab_grow(pt))
 			return NULL;
-		leaf = calloc(LEAF_N, sizeof(uint64_t));
+		leaf = leaf_new(pt, key);
 		if (!leaf)
 			return NULL;
 		mask = pt->ntab - 1;
@@ -961,6 +1083,17 @@ static void ent_set(uf_pt *pt, uint64_t *e, uint64_t v)
 	*e = v;
 }
 
+/* Set an entry, then let go of the store handle it no longer names: a manager killed
+ * between the two leaks a reference, never leaves an entry naming a freed blob. */
+static void ent_swap(uf_pt *pt, uint64_t *e, uint64_t v)
+{
+	uint64_t old = E_SLOT(*e);
+
+	ent_set(pt, e, v);
+	if (old && old != E_SLOT(v))
+		pt_drop_handle(pt, old);
+}
+
 static int ent_put(uf_pt *pt, uint64_t addr, uint64_t v)
 {
 	uint64_t *e = ent_at(pt, addr, 1);
@@ -974,6 +1107,31 @@ static int ent_put(uf_pt *pt, uint64_t addr, uint64_t v)
 	return 0;
 }
 
+static int pt_map(uf_pt *pt)
+{
+	void *m = mmap(NULL, PT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, pt->tfd, 0);
+
+	if (m == MAP_FAILED)
+		return -1;
+	pt->tmap = m;
+	pt->th = m;
+	return 0;
+}
+
+static void pt_init(uf_pt *pt, uf_store *store)
+{
+	pthread_mutex_init(&pt->lock, NULL);
+	pt->refs = 1;
+	pt->store = store;
+	__atomic_fetch_add(&store->users, 1, __ATOMIC_RELAXED);
+	pt->uffd = -1;
+	pt->kick_fd = -1;
+	pt->epoch = 1;
+}
+
+/* The descriptor of the table's memfd, for the agent to keep. */
+int uf_pt_fd(uf_pt *pt) { return pt->tfd; }
+
 uf_pt *uf_pt_new(uf_store *store, int *err)
 {
 	uf_pt *pt = calloc(1, sizeof(*pt));
@@ -982,13 +1140,18 @@ uf_pt *uf_pt_new(uf_store *store, int *err)
 		*err = -ENOMEM;
 		return NULL;
 	}
-	pthread_mutex_init(&pt->lock, NULL);
-	pt->refs = 1;
-	pt->store = store;
-	__atomic_fetch_add(&store->users, 1, __ATOMIC_RELAXED);
-	pt->uffd = -1;
-	pt->kick_fd = -1;
-	pt->epoch = 1;
+	pt->tfd = memfd_create("uffdio-page-table", MFD_CLOEXEC);
+	if (pt->tfd < 0 || ftruncate(pt->tfd, (off_t)PT_SIZE) < 0 || pt_map(pt) < 0) {
+		*err = -errno;
+		if (pt->tfd >= 0)
+			close(pt->tfd);
+		free(pt);
+		return NULL;
+	}
+	pt->th->magic = PT_MAGIC;
+	pt->th->version = 1;
+	pt->th->store_kind = (uint64_t)store->kind;
+	pt_init(pt, store);
 	*err = 0;
 	return pt;
 }
@@ -1011,7 +1174,6 @@ void uf_pt_unref(uf_pt *pt)
 			continue;
 		for (j = 0; j < LEAF_N; j++)
 			slot_put_ref(pt->store, E_SLOT(pt->tab[i].ents[j]));
-		free(pt->tab[i].ents);
 	}
 	st_unlock(pt->store);
 	for (i = 0; i < pt->nkids; i++)
@@ -1026,6 +1188,8 @@ void uf_pt_unref(uf_pt *pt)
 		free(pt->cb[i].data);
 	free(pt->cb);
 	uf_store_free(pt->store);
+	munmap(pt->tmap, PT_SIZE);
+	close(pt->tfd);
 	pthread_mutex_destroy(&pt->lock);
 	free(pt);
 }
@@ -1135,7 +1299,7 @@ uf_pt *uf_pt_clone(uf_pt *pt)
 	for (i = 0; i < pt->ntab; i++) {
 		if (!pt->tab[i].key)
 			continue;
-		c->tab[i].ents = malloc(LEAF_N * sizeof(uint64_t));
+		c->tab[i].ents = leaf_new(c, pt->tab[i].key);
 		if (!c->tab[i].ents) {
 			st_unlock(pt->store);
 			goto fail;
@@ -1163,6 +1327,7 @@ uf_pt *uf_pt_clone(uf_pt *pt)
 		memcpy(c->log, pt->log, pt->nlog * sizeof(struct remap));
 		c->nlog = c->caplog = pt->nlog;
 		c->batch = 1;
+		persist_batch(c, pt->th->scratch);
 		pt->kids[pt->nkids++] = uf_pt_ref(c);
 	}
 	pthread_mutex_unlock(&pt->lock);
@@ -1189,12 +1354,10 @@ static void drop_range(uf_pt *pt, uint64_t start, uint64_t end)
 			continue;
 		if (E_STATE(*e) == UF_PG_TRANSIT) {
 			/* the batch decides it; the data must not come back */
-			pt_drop_handle(pt, E_SLOT(*e));
-			ent_set(pt, e, E_MAKE(0, UF_PG_TRANSIT, E_STAMP(*e)) | E_DROPPED);
+			ent_swap(pt, e, E_MAKE(0, UF_PG_TRANSIT, E_STAMP(*e)) | E_DROPPED);
 			continue;
 		}
-		pt_drop_handle(pt, E_SLOT(*e));
-		ent_set(pt, e, 0);
+		ent_swap(pt, e, 0);
 	}
 }
 
@@ -1231,8 +1394,17 @@ void uf_pt_event(uf_pt *pt, const struct uf_msg *m)
 					pt->caplog = nc;
 				}
 			}
-			if (pt->nlog < pt->caplog)
+			if (pt->nlog < pt->caplog) {
 				pt->log[pt->nlog++] = (struct remap){ m->a, m->b, m->c };
+				if (pt->nlog <= PT_LOG_MAX) {
+					PT_LOG(pt)[pt->nlog - 1] = pt->log[pt->nlog - 1];
+					__atomic_store_n(&pt->th->nlog, pt->nlog, __ATOMIC_RELEASE);
+				} else {
+					pt->th->unknown = 1;
+				}
+			} else {
+				pt->th->unknown = 1; /* (no memory for the log: the batch is lost anyway) */
+			}
 		}
 		break;
 	}
@@ -1243,6 +1415,25 @@ void uf_pt_event(uf_pt *pt, const struct uf_msg *m)
 }
 
 /* ---- eviction: begin, which pages need reading, commit ------------------------- */
+
+/* Write the batch in flight into the memfd (lock held): the runs and remaps first,
+ * the count last, so that a manager taking over finds either no batch or all of it. */
+static void persist_batch(uf_pt *pt, uint64_t scratch)
+{
+	struct pt_head *h = pt->th;
+
+	__atomic_store_n(&h->nruns, 0, __ATOMIC_RELEASE);
+	if (!pt->batch)
+		return;
+	h->unknown = pt->nruns > PT_RUNS_MAX || pt->nlog > PT_LOG_MAX;
+	if (!h->unknown) {
+		memcpy(PT_RUNS(pt), pt->runs, pt->nruns * 2 * sizeof(uint64_t));
+		memcpy(PT_LOG(pt), pt->log, pt->nlog * sizeof(struct remap));
+	}
+	h->nlog = pt->nlog;
+	h->scratch = scratch;
+	__atomic_store_n(&h->nruns, h->unknown ? 1 : pt->nruns, __ATOMIC_RELEASE);
+}
 
 /* Mark the pages of `ranges` ((start, len) pairs) that are resident in our books
  * (NONE or CLEAN) as TRANSIT, up to max_pages, and return the marked runs as
@@ -1309,6 +1500,7 @@ out:
 			pt->nruns = nr;
 			pt->nlog = 0;
 			pt->batch = 1;
+			persist_batch(pt, 0);
 		}
 	}
 	if (rc < 0 && nr) { /* undo */
@@ -1429,18 +1621,15 @@ static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *
 		if (E_SLOT(v) != slot) {
 			st_lock(pt->store);
 			slot_get_ref(pt->store, slot);
-			slot_put_ref(pt->store, E_SLOT(v));
 			st_unlock(pt->store);
 		}
-		ent_set(pt, e, E_MAKE(slot, UF_PG_EVICTED, E_STAMP(v)));
+		ent_swap(pt, e, E_MAKE(slot, UF_PG_EVICTED, E_STAMP(v)));
 		break;
 	case OUT_ZERO:
-		pt_drop_handle(pt, E_SLOT(v));
-		ent_set(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
+		ent_swap(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
 		break;
 	case OUT_NONE:
-		pt_drop_handle(pt, E_SLOT(v));
-		ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+		ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
 		break;
 	}
 }
@@ -1739,10 +1928,12 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 	budget_add(pt->budget, -(int64_t)res->evicted);
 	pt->batch = 0;
 	pt->nlog = 0;
+	persist_batch(pt, 0);
 	for (i = 0; i < pt->nkids; i++) {
 		pthread_mutex_lock(&pt->kids[i]->lock);
 		pt->kids[i]->batch = 0;
 		pt->kids[i]->nlog = 0;
+		persist_batch(pt->kids[i], 0);
 		pthread_mutex_unlock(&pt->kids[i]->lock);
 		kick(pt->kids[i]);
 		uf_pt_unref(pt->kids[i]);
@@ -2052,8 +2243,7 @@ static int install_locked(uf_pt *pt, uint64_t addr, uint64_t v, const void *data
 	if (mode) {
 		ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
 	} else {
-		pt_drop_handle(pt, E_SLOT(v));
-		ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+		ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
 	}
 	pt->st.swapins++;
 	budget_add(pt->budget, 1);
@@ -2081,8 +2271,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 		if (s == UF_PG_CLEAN) {
 			/* the store's copy stops being valid before the write goes through */
 			e = ent_at(pt, addr, 0);
-			pt_drop_handle(pt, E_SLOT(v));
-			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+			ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
 			pt->st.dirtied++;
 		}
 		pthread_mutex_unlock(&pt->lock);
@@ -2209,8 +2398,7 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 		if (e) {
 			if (!*e)
 				pt->counts[UF_PG_NONE]++;
-			pt_drop_handle(pt, E_SLOT(*e));
-			ent_set(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
+			ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, pt->epoch));
 		}
 		if (s == UF_PG_ZERO) {
 			pt->st.swapins++;
@@ -2267,8 +2455,7 @@ int64_t uf_pt_fill_all(uf_pt *pt)
 			if (rc == -EEXIST || rc == -ENOENT)
 				rc = 0; /* already back / no longer mapped */
 			if (rc == 0) {
-				pt_drop_handle(pt, E_SLOT(v));
-				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+				ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
 				n++;
 			}
 		}
@@ -2298,6 +2485,8 @@ int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t m
 		out[3 * i + 2] = pt->runs[2 * i + 1];
 		off += pt->runs[2 * i + 1];
 	}
+	if (pt->batch)
+		__atomic_store_n(&pt->th->scratch, scratch, __ATOMIC_RELEASE); /* before the MOVE */
 	pthread_mutex_unlock(&pt->lock);
 	return (int64_t)i;
 }
@@ -2555,7 +2744,7 @@ int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int 
 	rc = install_locked(pt, addr, v, data, mode, 0, &mode);
 	if (rc == 0) {
 		st_lock(pt->store);
-		pt->store->st.gets++;
+		pt->store->st->gets++;
 		st_unlock(pt->store);
 	}
 	pthread_mutex_unlock(&pt->lock);
@@ -2585,4 +2774,212 @@ int64_t uf_pt_list(uf_pt *pt, int state, uint64_t *out, size_t max)
 	}
 	pthread_mutex_unlock(&pt->lock);
 	return (int64_t)n;
+}
+
+/* ---- taking over from a killed manager ---------------------------------------------- */
+
+/* The page table of a process whose manager died (fd: the memfd its agent kept, which
+ * the table now owns), over `store` (the dead manager's store, adopted).  The batch in
+ * flight, if any, is loaded for uf_pt_recover, which must run before the table serves a
+ * fault. */
+uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
+{
+	uf_pt *pt = calloc(1, sizeof(*pt));
+	struct stat sb;
+	uint64_t i, j, n;
+
+	if (!pt) {
+		*err = -ENOMEM;
+		return NULL;
+	}
+	pt->tfd = fd;
+	if (fstat(fd, &sb) < 0 || (uint64_t)sb.st_size != PT_SIZE) {
+		free(pt);
+		*err = -EINVAL;
+		return NULL;
+	}
+	if (pt_map(pt) < 0) {
+		*err = -errno;
+		free(pt);
+		return NULL;
+	}
+	n = pt->th->nleaves;
+	if (pt->th->magic != PT_MAGIC || pt->th->version != 1 || n > PT_LEAVES_MAX ||
+	    pt->th->store_kind != (uint64_t)store->kind) {
+		munmap(pt->tmap, PT_SIZE);
+		free(pt);
+		*err = -EBADMSG;
+		return NULL;
+	}
+	pt_init(pt, store);
+	pt->th->nleaves = 0; /* leaf_new counts them again */
+	for (i = 0; i < n; i++) {
+		uint64_t key = PT_DIR(pt)[i];
+		struct leafslot *ls;
+		if (!key || tab_find(pt, key) || ((pt->nleaves + 1) * 2 > pt->ntab && tab_grow(pt)))
+			goto bad;
+		for (j = hash64(key) & (pt->ntab - 1); pt->tab[j].key; j = (j + 1) & (pt->ntab - 1))
+			;
+		ls = &pt->tab[j];
+		ls->ents = leaf_new(pt, key); /* leaf i again */
+		ls->key = key;
+		pt->nleaves++;
+		for (uint64_t k = 0; k < LEAF_N; k++) {
+			uint64_t v = ls->ents[k];
+			if (v) {
+				pt->counts[E_STATE(v) < 5 ? E_STATE(v) : 0]++;
+				if (E_STAMP(v) > pt->epoch)
+					pt->epoch = E_STAMP(v);
+			}
+		}
+	}
+	n = pt->th->nruns;
+	if (n && !pt->th->unknown) {
+		pt->runs = malloc(n * 2 * sizeof(uint64_t));
+		pt->log = malloc((pt->th->nlog ? pt->th->nlog : 1) * sizeof(struct remap));
+		if (!pt->runs || !pt->log || n > PT_RUNS_MAX || pt->th->nlog > PT_LOG_MAX)
+			goto bad;
+		memcpy(pt->runs, PT_RUNS(pt), n * 2 * sizeof(uint64_t));
+		pt->nruns = pt->capruns = n;
+		memcpy(pt->log, PT_LOG(pt), pt->th->nlog * sizeof(struct remap));
+		pt->nlog = pt->caplog = pt->th->nlog;
+	}
+	*err = 0;
+	return pt;
+bad:
+	/* not uf_pt_unref: the entries' references are the store's, not ours to drop */
+	*err = -EBADMSG;
+	munmap(pt->tmap, PT_SIZE);
+	close(pt->tfd);
+	free(pt->tab);
+	free(pt->runs);
+	free(pt->log);
+	uf_store_free(pt->store);
+	pthread_mutex_destroy(&pt->lock);
+	free(pt);
+	return NULL;
+}
+
+/* Whether addr is mapped in the process (present, or in the kernel's swap): -1 when the
+ * page map cannot be read. */
+static int pm_mapped(int pagemap_fd, uint64_t addr)
+{
+	uint64_t v;
+
+	if (pread(pagemap_fd, &v, 8, (off_t)(addr / PG * 8)) != 8)
+		return -1;
+	return (int)((v >> 62) & 3) != 0;
+}
+
+/* Make an adopted table true again (before it serves anything; the process may run,
+ * but a missing page stays missing until served and a present one stays present until
+ * its REMOVE/UNMAP event is read, so what the page map says holds).  The dead manager
+ * may have stopped anywhere:
+ *  - a page of the batch in flight is back in the program (not moved, or copied back):
+ *    NONE; moved and still in the scratch area: read from there into the store,
+ *    EVICTED; discarded by the program meanwhile: dropped;
+ *  - an EVICTED or ZERO page that is present was installed just before the end: NONE;
+ *  - a CLEAN page that is not present is EVICTED (its store copy is the page);
+ *  - a TRANSIT page found nowhere keeps waiting (reported in out[4]; no zeros).
+ * out: [0] pages evicted, [1] read from the scratch area, [2] found resident, [3]
+ * dropped, [4] left waiting, [5] clean.  Returns 0 or -errno (the process is gone). */
+int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
+{
+	uint64_t scratch = pt->th->scratch, *pm = malloc(LEAF_N * 8);
+	char *buf = aligned_alloc(PG, PG);
+	size_t i, j;
+	int rc = 0;
+
+	memset(out, 0, 6 * sizeof(uint64_t));
+	if (!pm || !buf) {
+		free(pm);
+		free(buf);
+		return -ENOMEM;
+	}
+	pthread_mutex_lock(&pt->lock);
+	FOR_BATCH_PAGES(pt, idx, a0) {
+		uint64_t a = translate(pt, a0), *e = ent_at(pt, a, 0), v, h = 0, src = scratch + idx * PG;
+		int m;
+		if (!e || E_STATE(*e) != UF_PG_TRANSIT)
+			continue;
+		v = *e;
+		if (v & E_DROPPED) {
+			ent_swap(pt, e, 0);
+			out[3]++;
+			continue;
+		}
+		m = pm_mapped(pagemap_fd, a);
+		if (m < 0) {
+			rc = -ESRCH;
+			goto done;
+		}
+		if (m) {
+			ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+			out[2]++;
+			continue;
+		}
+		if (!scratch || pm_mapped(pagemap_fd, src) != 1)
+			continue; /* the pass below decides */
+		struct iovec l = { buf, PG }, r = { (void *)(uintptr_t)src, PG };
+		if (process_vm_readv(pid, &l, 1, &r, 1, 0) != (ssize_t)PG)
+			continue;
+		if (is_zero(buf)) {
+			ent_swap(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
+		} else {
+			pthread_mutex_unlock(&pt->lock); /* store_put_pages takes the store lock */
+			int64_t got = store_put_pages(pt->store, buf, NULL, 1, &h);
+			pthread_mutex_lock(&pt->lock);
+			if (got != 1)
+				continue; /* full: it keeps waiting (out[4]) */
+			e = ent_at(pt, a, 0);
+			ent_swap(pt, e, E_MAKE(h, UF_PG_EVICTED, E_STAMP(v)));
+		}
+		out[1]++;
+	}
+	for (i = 0; i < pt->ntab; i++) {
+		uint64_t base;
+		if (!pt->tab[i].key)
+			continue;
+		base = (pt->tab[i].key - 1) << LEAF_SHIFT;
+		if (pread(pagemap_fd, pm, LEAF_N * 8, (off_t)(base * 8)) != (ssize_t)(LEAF_N * 8)) {
+			rc = -ESRCH;
+			goto done;
+		}
+		for (j = 0; j < LEAF_N; j++) {
+			uint64_t *e = &pt->tab[i].ents[j], v = *e;
+			int mapped = (int)((pm[j] >> 62) & 3) != 0, s = E_STATE(v);
+			if (!v)
+				continue;
+			if (s == UF_PG_TRANSIT && (v & E_DROPPED)) {
+				ent_swap(pt, e, 0);
+				out[3]++;
+			} else if (s == UF_PG_TRANSIT && mapped) {
+				ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+				out[2]++;
+			} else if (s == UF_PG_TRANSIT && E_SLOT(v)) {
+				ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_EVICTED, E_STAMP(v)));
+				out[0]++;
+			} else if (s == UF_PG_TRANSIT) {
+				out[4]++;
+			} else if ((s == UF_PG_EVICTED || s == UF_PG_ZERO) && mapped) {
+				ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+				out[2]++;
+			} else if (s == UF_PG_EVICTED || s == UF_PG_ZERO) {
+				out[0]++;
+			} else if (s == UF_PG_CLEAN && !mapped) {
+				ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_EVICTED, E_STAMP(v)));
+				out[0]++;
+			} else if (s == UF_PG_CLEAN) {
+				out[5]++;
+			}
+		}
+	}
+done:
+	pt->nruns = 0;
+	pt->nlog = 0;
+	persist_batch(pt, 0);
+	pthread_mutex_unlock(&pt->lock);
+	free(pm);
+	free(buf);
+	return rc;
 }

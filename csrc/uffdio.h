@@ -162,6 +162,8 @@ struct uf_commit {
 
 uf_store *uf_store_memory(int accel, int *err);
 uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err);
+uf_store *uf_store_memory_adopt(int fd, int accel, int *err);
+int uf_store_fd(uf_store *s);
 void uf_store_free(uf_store *s);
 void uf_store_get_stats(uf_store *s, struct uf_store_stats *out);
 int64_t uf_store_put(uf_store *s, const void *pages, size_t n, uint64_t *handles_out);
@@ -181,6 +183,9 @@ uf_pt *uf_pt_new(uf_store *store, int *err);
 uf_pt *uf_pt_ref(uf_pt *pt);
 void uf_pt_unref(uf_pt *pt);
 uf_pt *uf_pt_clone(uf_pt *pt);
+int uf_pt_fd(uf_pt *pt);
+uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err);
+int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out);
 void uf_pt_attach(uf_pt *pt, int uffd, int kick_fd, int wp, uf_budget *budget);
 void uf_pt_tick(uf_pt *pt);
 void uf_pt_exempt(uf_pt *pt, uint32_t tid);
