@@ -747,8 +747,12 @@ static void *agent_main(void *arg)
 				pthread_mutex_lock(&A->send_lock);
 				A->sock = s;
 				pthread_mutex_unlock(&A->send_lock);
-				if (handshake(UF_AF_RECONNECT) == 0)
+				if (handshake(UF_AF_RECONNECT) == 0) {
+					/* the new manager must know us too: our faults are never
+					 * held at its limit (it needs us to make room) */
+					send_msg(UF_A_THREAD, 0, 0, (int64_t)syscall(SYS_gettid), 0, 0, NULL, 0, -1);
 					break;
+				}
 				pthread_mutex_lock(&A->send_lock);
 				close(A->sock);
 				A->sock = -1;

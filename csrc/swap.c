@@ -180,7 +180,7 @@ uf_store *uf_store_memory(int accel, int *err)
 }
 
 /* Take over the memory store of a manager that died (fd: its memfd, which the store
- * now owns).  Blobs keep their reference counts; space freed before the takeover is
+ * owns if it is returned).  Blobs keep their reference counts; space freed before the takeover is
  * not reused (the free lists died with the manager) until the store is empty again. */
 uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
 {
@@ -1129,8 +1129,9 @@ static void pt_init(uf_pt *pt, uf_store *store)
 	pt->epoch = 1;
 }
 
-/* The descriptor of the table's memfd, for the agent to keep. */
+/* The descriptor of the table's memfd, for the agent to keep, and its store's. */
 int uf_pt_fd(uf_pt *pt) { return pt->tfd; }
+int uf_pt_store_fd(uf_pt *pt) { return uf_store_fd(pt->store); }
 
 uf_pt *uf_pt_new(uf_store *store, int *err)
 {
@@ -2779,7 +2780,7 @@ int64_t uf_pt_list(uf_pt *pt, int state, uint64_t *out, size_t max)
 /* ---- taking over from a killed manager ---------------------------------------------- */
 
 /* The page table of a process whose manager died (fd: the memfd its agent kept, which
- * the table now owns), over `store` (the dead manager's store, adopted).  The batch in
+ * the table owns if it is returned), over `store` (the dead manager's store, adopted).  The batch in
  * flight, if any, is loaded for uf_pt_recover, which must run before the table serves a
  * fault. */
 uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
@@ -2850,7 +2851,6 @@ bad:
 	/* not uf_pt_unref: the entries' references are the store's, not ours to drop */
 	*err = -EBADMSG;
 	munmap(pt->tmap, PT_SIZE);
-	close(pt->tfd);
 	free(pt->tab);
 	free(pt->runs);
 	free(pt->log);

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import pytest
 
 import uffdio
 from uffdio._target import Target
+
+PROGS = Path(__file__).parent / "progs"
 
 PAGE = uffdio.PAGE_SIZE
 
@@ -37,6 +41,17 @@ def target() -> Iterator[Target]:
         yield t
     finally:
         t.close()
+
+
+@pytest.fixture(scope="session")
+def swaptest(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """tests/progs/swaptest.c, compiled: a target that checks every page it reads."""
+    out = tmp_path_factory.mktemp("bin") / "swaptest"
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(PROGS / "swaptest.c"), "-lm"],
+        check=True,
+    )
+    return str(out)
 
 
 @pytest.fixture

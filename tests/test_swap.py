@@ -33,16 +33,6 @@ NONE, CLEAN, TRANSIT, EVICTED, ZERO = range(5)
 pytestmark = [pytest.mark.anyio, requires(uffdio.Feature.MOVE, root=True, kernel=(6, 8))]
 
 
-@pytest.fixture(scope="module")
-def swaptest(tmp_path_factory: pytest.TempPathFactory) -> str:
-    out = tmp_path_factory.mktemp("bin") / "swaptest"
-    subprocess.run(
-        ["gcc", "-O2", "-Wall", "-pthread", "-o", str(out), str(PROGS / "swaptest.c"), "-lm"],
-        check=True,
-    )
-    return str(out)
-
-
 def states(sw: Swap, proc: uffdio.ManagedProcess, addr: int, n: int) -> list[int]:
     pt = sw.procs[proc.pid].pt
     slot = ffi.new("uint64_t *")

@@ -80,9 +80,16 @@ log = logging.getLogger("uffdio")
 PAGE = C.PAGE_SIZE
 TAG_STORE = 1
 TAG_STATE = 2
+TAG_SWAP_TABLE = 3  # userspace swap: the process's page table (a memfd)
+TAG_SWAP_STORE = 4  # userspace swap: the store its table refers to (a memfd)
 SNAP_MAGIC = 0x55464644494F5331  # "UFFDIOS1"
 SNAP_SCRATCH = 100  # snapshot entry kind: pages that sit in the scratch area
 
+
+#: the address range UFFDIO_WAKE is given to wake every thread of a process (from the
+#: lowest address a mapping can have to the top of the x86-64/arm64 user address space)
+WAKE_START = 1 << 16
+WAKE_END = (1 << 47) - PAGE
 
 #: the plain eviction path's batch size (bytes of the scratch area used per batch)
 PLAIN_BATCH = 4 << 20
@@ -194,6 +201,9 @@ class ManagedProcess:
         self.unmanaged_reason: str | None = None
         self.exited = False
         self.resumed = False
+        #: a reconnecting agent's swap page table and store (fds), until Swap.attach
+        #: takes them over
+        self.swap_kept: tuple[int, int] | None = None
         #: the agent thread's tid (0 until it said so)
         self.agent_tid = 0
         self._sock = sock
@@ -793,6 +803,9 @@ class Manager:
         self._lsock: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
         self.recovered_pages = 0
+        #: a Swap made here to take over a dead manager's swapped-out processes (this
+        #: manager was started without one)
+        self._own_swap = False
 
     # ---- lifecycle ------------------------------------------------------------------------
 
@@ -885,6 +898,8 @@ class Manager:
         for ar in self._arenas:
             ar.close()
         self._arenas = []
+        if self._own_swap and self.swap is not None:
+            self.swap.close()
 
     # ---- starting programs -------------------------------------------------------------------
 
@@ -1035,6 +1050,14 @@ class Manager:
         if h.flags & P.AF_RECONNECT:
             store = kept.get(TAG_STORE)
             state = kept.get(TAG_STATE)
+            table, sstore = kept.pop(TAG_SWAP_TABLE, -1), kept.pop(TAG_SWAP_STORE, -1)
+            if table >= 0:
+                # pages of its are in a dead manager's swap store: Swap.attach takes the
+                # table and the store over (see Swap._adopt)
+                proc.swap_kept = (table, sstore)
+                self._need_swap()
+            elif sstore >= 0:
+                os.close(sstore)
             if store is not None:
                 ino = os.fstat(store).st_ino
                 if ino not in self._arena_by_ino:
@@ -1054,6 +1077,23 @@ class Manager:
                 os.close(fd)
         self._add(proc)
         return proc
+
+    def _need_swap(self) -> None:
+        """A process whose pages are in a dead manager's swap store reconnected to a manager
+        started without userspace swap: serve them anyway (no limit, policy "none")."""
+        if self.swap is not None:
+            return
+        from .swap import Swap
+
+        self.swap = Swap(limit=None, policy="none")
+        self._own_swap = True
+        self.swap.manager = self
+        assert self._tg is not None
+        self._tg.start_soon(self.swap.run)
+        log.warning(
+            "a process had pages in a killed manager's swap store: serving them without a"
+            " limit (start with --limit to keep one)"
+        )
 
     def _add(self, proc: ManagedProcess) -> None:
         self.processes[proc.pid] = proc
@@ -1136,12 +1176,23 @@ class Manager:
                 if proc._scope is None:  # not already served (a fork child is)
                     proc._scope = anyio.CancelScope()
                     await tg.start(self._serve_uffd, proc.uffd, proc._scope)
+                if proc.resumed:
+                    # Faults the dead manager had read but not resolved are lost with it;
+                    # their threads still wait - the agent's own thread among them, maybe,
+                    # and nothing below gets done without it.  Wake the whole address
+                    # space now that we serve: a thread whose page is still missing faults
+                    # again, to us.
+                    lib.uf_wake(proc.uffd.fileno(), WAKE_START, WAKE_END - WAKE_START)
                 tg.start_soon(self._reader, proc, tg)
                 if pidfd >= 0:
                     tg.start_soon(self._watch_exit, proc, pidfd, tg)
                 try:
                     await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
                     await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
+                    if self.swap is not None:
+                        # the page table and its store outlive us in the agent
+                        for tag, fd in self.swap.kept_fds(proc):
+                            await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
                     if proc.resumed:
                         await proc._recover_finish()
                     # empty the scratch area: a paired child's probe page, or a copy of
@@ -1214,6 +1265,11 @@ class Manager:
         proc.exited = True
         if self.swap is not None:
             self.swap.detach(proc)
+        if proc.swap_kept is not None:
+            for fd in proc.swap_kept:
+                if fd >= 0:
+                    os.close(fd)
+            proc.swap_kept = None
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
         if self._tg is not None and proc.uffd is not None and _dead(proc.pid):

@@ -39,7 +39,48 @@ def add_parser(sub: Any) -> None:
             "forwarded; the exit status is CMD's."
         ),
     )
-    p.add_argument("--socket", metavar="PATH", help="agent socket (default: a private temp path)")
+    p.add_argument(
+        "--socket",
+        metavar="PATH",
+        help="agent socket (default: a private temp path); a manager killed meanwhile is"
+        " taken over by `uffdio serve --socket PATH`",
+    )
+    _swap_options(p)
+    p.add_argument("--stats-json", metavar="PATH", help="write final statistics as JSON")
+    p.add_argument(
+        "--churn",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="testing aid: evict every resident managed page every SECONDS",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    p.set_defaults(func=cmd_run)
+
+    s = sub.add_parser(
+        "serve",
+        help="serve agents connecting to a socket (and take over from a killed manager)",
+        description=(
+            "Serve every process whose agent connects to PATH, until SIGTERM/SIGINT. A process "
+            "whose manager died reconnects here and continues with its evicted pages intact "
+            "(those of a memory swap store too; without --limit they are served with no limit)."
+        ),
+    )
+    s.add_argument("--socket", metavar="PATH", required=True)
+    _swap_options(s)
+    s.add_argument("--churn", metavar="SECONDS", type=float, default=0.0)
+    s.add_argument("--stats-json", metavar="PATH")
+    s.add_argument(
+        "--exit-when-idle",
+        action="store_true",
+        help="exit when the last process it manages has exited",
+    )
+    s.set_defaults(func=cmd_serve)
+    _add_attach_parser(sub)
+
+
+def _swap_options(p: Any) -> None:
     p.add_argument(
         "--limit",
         metavar="SIZE",
@@ -58,36 +99,9 @@ def add_parser(sub: Any) -> None:
         help="limit (default: evict the least recently faulted pages above --limit), pressure"
         " (senpai-like: shrink the limit while uffdio's own fault stall time stays low), none",
     )
-    p.add_argument("--stats-json", metavar="PATH", help="write final statistics as JSON")
-    p.add_argument(
-        "--churn",
-        metavar="SECONDS",
-        type=float,
-        default=0.0,
-        help="testing aid: evict every resident managed page every SECONDS",
-    )
-    p.add_argument("-q", "--quiet", action="store_true", help="no summary on stderr")
-    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    p.set_defaults(func=cmd_run)
 
-    s = sub.add_parser(
-        "serve",
-        help="serve agents connecting to a socket (and take over from a killed manager)",
-        description=(
-            "Serve every process whose agent connects to PATH, until SIGTERM/SIGINT. A process "
-            "whose manager died reconnects here and continues with its evicted pages intact."
-        ),
-    )
-    s.add_argument("--socket", metavar="PATH", required=True)
-    s.add_argument("--churn", metavar="SECONDS", type=float, default=0.0)
-    s.add_argument("--stats-json", metavar="PATH")
-    s.add_argument(
-        "--exit-when-idle",
-        action="store_true",
-        help="exit when the last process it manages has exited",
-    )
-    s.set_defaults(func=cmd_serve)
 
+def _add_attach_parser(sub: Any) -> None:
     t = sub.add_parser(
         "attach",
         help="take charge of a running process with ptrace (no agent needed)",
@@ -236,7 +250,7 @@ async def _run(args: argparse.Namespace) -> tuple[int, dict[str, Any]]:
     return code, summary
 
 
-def _make_swap(args: argparse.Namespace) -> Any:
+def _make_swap(args: argparse.Namespace, command: str = "run") -> Any:
     if args.limit is None and args.store is None and args.policy is None:
         return None
     from .swap import Swap, parse_size
@@ -247,7 +261,7 @@ def _make_swap(args: argparse.Namespace) -> Any:
             raise ValueError(f"--limit {args.limit}: at least 1M")
         return Swap(store=args.store or "memory", limit=limit, policy=args.policy)
     except ValueError as exc:
-        raise SystemExit(f"uffdio run: {exc}") from None
+        raise SystemExit(f"uffdio {command}: {exc}") from None
 
 
 def _total(faults: Any) -> Any:
@@ -328,14 +342,24 @@ def _serve_in_background(tg: anyio.abc.TaskGroup, m: Manager, every: float) -> N
 
 
 async def _serve(args: argparse.Namespace) -> dict[str, Any]:
-    async with Manager(args.socket) as m:
-        async with anyio.create_task_group() as tg:
-            _serve_in_background(tg, m, args.churn)
-            if args.exit_when_idle:
-                while not m.history or m.processes:  # noqa: ASYNC110 - polls two conditions
-                    await anyio.sleep(0.05)
-                tg.cancel_scope.cancel()
-        return _summary(m, {})
+    sw = _make_swap(args, "serve")
+    try:
+        async with Manager(args.socket, swap=sw) as m:
+            async with anyio.create_task_group() as tg:
+                _serve_in_background(tg, m, args.churn)
+                if args.exit_when_idle:
+                    while not m.history or m.processes:  # noqa: ASYNC110 - polls two conditions
+                        await anyio.sleep(0.05)
+                    tg.cancel_scope.cancel()
+            summary = _summary(m, {})
+            if m.swap is not None:  # (a Swap made to take over a killed manager's too)
+                total_faults = summary["faults"]
+                summary.update(m.swap.statistics())
+                summary["faults"]["total"] = total_faults
+            return summary
+    finally:
+        if sw is not None:
+            sw.close()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

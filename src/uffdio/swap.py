@@ -126,6 +126,18 @@ class MemoryStore(Store):
             check(err[0], "store", "creating the memory store")
         super().__init__(h)
 
+    @classmethod
+    def adopt(cls, fd: int) -> MemoryStore:
+        """The memory store of a manager that was killed: its memfd, kept by an agent
+        (the store owns ``fd`` once this returns)."""
+        err = ffi.new("int *")
+        h = lib.uf_store_memory_adopt(fd, 1, err)
+        if h == ffi.NULL:
+            check(err[0], "takeover", "the killed manager's memory store")
+        self = cls.__new__(cls)
+        Store.__init__(self, h)
+        return self
+
 
 class FileStore(Store):
     """A swap file written and read through io_uring.  ``path`` is a file (created,
@@ -328,23 +340,49 @@ class Swap:
         #: staging buffers (one per eviction in progress, kept for the next: a fresh one
         #: would cost a page fault per page)
         self._stagings: list[mmap.mmap] = []
+        #: stores of a killed manager whose processes were taken over (by inode)
+        self.adopted_stores: dict[int, Store] = {}
+        #: what taking over from a killed manager found (see _adopt)
+        self.recovered = dict.fromkeys(
+            (
+                "processes",
+                "pages_evicted",
+                "pages_from_scratch",
+                "pages_resident",
+                "pages_dropped",
+                "pages_waiting",
+                "pages_clean",
+            ),
+            0,
+        )
 
     # -- wiring (called by Manager) --
     def attach(self, proc: ManagedProcess) -> None:
         """Give proc's engine a page table (a fork child's engine has its parent's copy)."""
         assert proc.uffd is not None
         e = proc.uffd._engine_handle()
-        pt = lib.uf_engine_pt(e)
-        if pt == ffi.NULL:
-            err = ffi.new("int *")
-            pt = lib.uf_pt_new(self.store._h, err)
-            if pt == ffi.NULL:
-                check(err[0], "swap", "page table")
-            check(lib.uf_engine_set_pt(e, pt, 1, self._budget), "swap", "engine")
         try:
             pm = os.open(f"/proc/{proc.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
         except OSError:
             pm = -1  # exited already
+        pt = lib.uf_engine_pt(e)
+        if pt == ffi.NULL:
+            try:
+                if proc.swap_kept is not None:
+                    pt = self._adopt(proc, pm)
+                else:
+                    err = ffi.new("int *")
+                    pt = lib.uf_pt_new(self.store._h, err)
+                    if pt == ffi.NULL:
+                        check(err[0], "swap", "page table")
+                rc = lib.uf_engine_set_pt(e, pt, 1, self._budget)
+                if rc < 0:
+                    lib.uf_pt_unref(pt)
+                    check(rc, "swap", "engine")
+            except BaseException:
+                if pm >= 0:
+                    os.close(pm)
+                raise
         self.procs[proc.pid] = _Proc(proc, ffi.gc(pt, lib.uf_pt_unref), pm)
         self.exempt(proc)
         if self._on_engine_error not in proc.uffd._event_handlers.get(C.Event.ERROR, []):
@@ -352,6 +390,87 @@ class Swap:
             proc.uffd.on_event(C.Event.ERROR, self._on_engine_error)
         if isinstance(self.store, PyStore):
             proc.uffd.on_fault(self._on_fault)
+
+    def _adopt(self, proc: ManagedProcess, pagemap: int) -> CData:
+        """Take over the page table of a process whose manager was killed, and its store
+        (shared by the processes of that manager), from the memfds its agent kept; then
+        make the table true again (uf_pt_recover: pages of the batch the dead manager had
+        in flight are read from the scratch area into the store, pages installed just
+        before it died are resident).  A table whose store cannot be taken over (a file or
+        Python store) is refused: the process's threads keep waiting - serving it without
+        its pages would give it zeros."""
+        assert proc.swap_kept is not None
+        table, sfd = proc.swap_kept
+        proc.swap_kept = None
+        try:
+            if sfd < 0:
+                raise error_for(
+                    errno.EBADMSG,
+                    "takeover",
+                    f"pid {proc.pid}: its pages are in a store that cannot be taken over (only"
+                    " the memory store can); it keeps waiting",
+                )
+            if pagemap < 0:
+                raise UffdProcessGone(errno.ESRCH, f"takeover: pid {proc.pid} exited")
+            ino = os.fstat(sfd).st_ino
+            store = self.adopted_stores.get(ino)
+            if store is None:
+                store = MemoryStore.adopt(sfd)
+                self.adopted_stores[ino] = store
+            else:
+                os.close(sfd)
+            sfd = -1
+            err = ffi.new("int *")
+            pt = lib.uf_pt_adopt(store._h, table, err)
+            if pt == ffi.NULL:
+                check(err[0], "takeover", f"pid {proc.pid}: its page table")
+            table = -1  # the table owns it
+            out = ffi.new("uint64_t[6]")
+            rc = lib.uf_pt_recover(pt, proc.pid, pagemap, out)
+            if rc < 0:
+                lib.uf_pt_unref(pt)
+                check(rc, "takeover", f"pid {proc.pid}")
+        except UffdError as exc:
+            self._error(str(exc))
+            raise
+        finally:
+            for fd in (table, sfd):
+                if fd >= 0:
+                    os.close(fd)
+        keys = list(self.recovered)[1:]
+        for i, k in enumerate(keys):
+            self.recovered[k] += int(out[i])
+        self.recovered["processes"] += 1
+        if out[4]:
+            self._error(
+                f"pid {proc.pid}: {out[4]} pages that the killed manager was evicting were"
+                " found nowhere; their threads wait"
+            )
+        if self.manager is not None:
+            self.manager.recovered_pages += int(out[0]) + int(out[1])
+        log.info(
+            "pid %d taken over: %d pages evicted (%d read from the scratch area), %d resident",
+            proc.pid,
+            out[0] + out[1],
+            out[1],
+            out[2],
+        )
+        return pt
+
+    def kept_fds(self, proc: ManagedProcess) -> list[tuple[int, int]]:
+        """(tag, fd) for proc's agent to keep: the page table, and its store when a
+        manager that takes over can read it (the memory store)."""
+        from .manage import TAG_SWAP_STORE, TAG_SWAP_TABLE
+
+        p = self.procs.get(proc.pid)
+        if p is None:
+            return []
+        out = []
+        sfd = lib.uf_pt_store_fd(p.pt)
+        if sfd >= 0:
+            out.append((TAG_SWAP_STORE, sfd))
+        out.append((TAG_SWAP_TABLE, lib.uf_pt_fd(p.pt)))
+        return out
 
     async def _on_fault(self, batch: Any) -> None:
         """Faults on pages of a Python store (the engine forwards them): read, install."""
@@ -396,8 +515,16 @@ class Swap:
             return None
         return round(st["pages"] * PAGE / st["bytes"], 2)
 
-    def _note_store(self) -> None:
+    def _store_stats(self) -> dict[str, int]:
+        """The store's counters, with those of stores taken over from a killed manager."""
         st = self.store.statistics()
+        for other in self.adopted_stores.values():
+            for k, v in other.statistics().items():
+                st[k] = st.get(k, 0) + v
+        return st
+
+    def _note_store(self) -> None:
+        st = self._store_stats()
         if st["bytes"] >= self.store_peak_bytes:
             self.store_peak_bytes = st["bytes"]
             self._ratio_at_peak = self._ratio(st) or self._ratio_at_peak
@@ -482,6 +609,8 @@ class Swap:
             p.close()
         self.procs.clear()
         self.store.close()
+        for st in self.adopted_stores.values():
+            st.close()
 
     # -- measurements --
     def _scan(self, p: _Proc, want: int = 0, out: CData = ffi.NULL, nout: CData = ffi.NULL) -> int:
@@ -808,7 +937,7 @@ class Swap:
             for i, v in enumerate(st["lat_hist"]):
                 hist[i] += v
         live_tables = sum(self._pt_stats(p.pt)["table_bytes"] for p in self.procs.values())
-        store = self.store.statistics()
+        store = self._store_stats()
         managed_pages = max(
             1,
             sum(sum(n for _, n in p.proc.regions) // PAGE for p in self.procs.values()),
@@ -851,6 +980,7 @@ class Swap:
             "errors": list(self.errors),
             "rounds": self.rounds,
             "policy_failures": self.policy_failures,
+            "recovered": dict(self.recovered),
             "evict_seconds": {
                 **{k: round(v, 4) for k, v in self.evict_seconds.items()},
                 # the C side of "collect": finding the moved pages in the scratch area,

@@ -1,0 +1,159 @@
+"""A manager killed with SIGKILL while its processes have pages in its swap store.
+
+The store's memfd and every process's page table (a memfd too) are kept by the agents;
+`uffdio serve` on the same socket takes them over and the programs finish with every
+byte right (swaptest checks every page on every access and all of them at the end).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import requires
+
+import uffdio
+import uffdio.agent
+
+UFFDIO = [sys.executable, "-m", "uffdio"]
+pytestmark = requires(uffdio.Feature.MOVE, root=True, kernel=(6, 8))
+
+
+def _serve(sock: str, *opts: str) -> subprocess.Popen[str]:
+    p = subprocess.Popen(
+        UFFDIO + ["serve", "--socket", sock, *opts], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert p.poll() is None, p.stderr.read() if p.stderr else ""
+        assert time.monotonic() < deadline, "the manager did not start"
+        time.sleep(0.05)
+    return p
+
+
+def _target(swaptest: str, sock: str, *args: str) -> subprocess.Popen[str]:
+    env = dict(
+        os.environ,
+        UFFDIO_AGENT_SOCK=sock,
+        LD_PRELOAD=uffdio.agent.library_path(),
+        UFFDIO_AGENT_WP="1",  # as a manager with userspace swap starts its programs
+    )
+    return subprocess.Popen(
+        [swaptest, *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _threads_waiting(pid: int) -> bool:
+    wchan = set()
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            wchan.add(Path(f"/proc/{pid}/task/{t}/wchan").read_text())
+        except OSError:
+            pass
+    return "handle_userfault" in wchan
+
+
+def _kill(p: subprocess.Popen[str]) -> None:
+    p.kill()
+    p.wait()
+
+
+@pytest.mark.parametrize(
+    "first, second",
+    [
+        (["--limit", "8M"], ["--limit", "8M"]),
+        # batches in flight all the time: the kill lands in one more often than not
+        (["--limit", "8M", "--churn", "0.01"], ["--limit", "8M"]),
+        # a manager started without swap serves the pages it takes over, without a limit
+        (["--limit", "8M"], []),
+    ],
+    ids=["limit", "churn", "no-limit-after"],
+)
+def test_killed_swap_manager_is_taken_over(
+    swaptest: str, tmp_path: Path, first: list[str], second: list[str]
+) -> None:
+    sock = str(tmp_path / "m.sock")
+    m1 = _serve(sock, *first)
+    target = _target(swaptest, sock, "32", "rand", "40000", "2", "30")
+    try:
+        time.sleep(2.5)  # filled and evicting
+        _kill(m1)
+        time.sleep(0.5)
+        assert target.poll() is None, target.communicate()
+        assert _threads_waiting(target.pid)  # waiting, not reading zeros
+        stats = tmp_path / "s.json"
+        m2 = subprocess.run(
+            UFFDIO
+            + ["serve", "--socket", sock, *second, "--exit-when-idle", "--stats-json", str(stats)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert m2.returncode == 0, m2.stderr
+        out, err = target.communicate(timeout=60)
+        assert target.returncode == 0, out + err
+        assert "ok checked=" in out
+        s = json.loads(stats.read_text())
+        rec = s["recovered"]
+        assert rec["processes"] == 1
+        assert rec["pages_evicted"] + rec["pages_from_scratch"] > 1000  # most of 32 MiB
+        assert rec["pages_waiting"] == 0
+        assert s["pages_swapped_in"] > 0
+    finally:
+        _kill(target)
+        _kill(m1)
+
+
+def test_takeover_twice(swaptest: str, tmp_path: Path) -> None:
+    """The manager that took over is killed too: a third one takes over the store it
+    adopted (and what it evicted into a store of its own) and the program finishes."""
+    sock = str(tmp_path / "m.sock")
+    target = None
+    managers = []
+    try:
+        managers.append(_serve(sock, "--limit", "8M", "--churn", "0.02"))
+        target = _target(swaptest, sock, "32", "rand", "60000", "2", "30")
+        for _ in range(2):
+            time.sleep(2.0)
+            _kill(managers[-1])
+            time.sleep(0.3)
+            assert target.poll() is None, target.communicate()
+            managers.append(_serve(sock, "--limit", "8M", "--churn", "0.02"))
+        out, err = target.communicate(timeout=180)
+        assert target.returncode == 0, out + err
+        assert "ok checked=" in out
+    finally:
+        for m in managers:
+            _kill(m)
+        if target is not None:
+            _kill(target)
+
+
+def test_file_store_is_not_taken_over(swaptest: str, tmp_path: Path) -> None:
+    """A swap file's pages cannot be taken over yet: the new manager says so and leaves
+    the program waiting - it must never serve those pages as zeros."""
+    sock = str(tmp_path / "m.sock")
+    m1 = _serve(sock, "--limit", "8M", "--store", f"file:{tmp_path}")
+    target = _target(swaptest, sock, "32", "rand", "40000", "2", "30")
+    m2 = None
+    try:
+        time.sleep(2.5)
+        _kill(m1)
+        m2 = _serve(sock, "--limit", "8M")
+        time.sleep(2.0)
+        assert target.poll() is None, target.communicate()
+        assert _threads_waiting(target.pid)
+        m2.send_signal(signal.SIGTERM)
+        _, err = m2.communicate(timeout=60)
+        assert "cannot be taken over" in err
+    finally:
+        _kill(target)
+        _kill(m1)
+        if m2 is not None:
+            _kill(m2)
