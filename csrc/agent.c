@@ -80,6 +80,9 @@ struct agent {
 	int sock;
 	pid_t pid;
 	int event_fork, user_mode, ready, detached, lockall, thread_running;
+	/* a fork child (EVENT_FORK) under userspace swap until the manager handed it its page
+	 * table: the table is the only record of which of its pages were evicted */
+	int table_wanted;
 	int64_t uffd_err;
 	uint64_t features;
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -285,6 +288,8 @@ static int handshake(uint32_t flags)
 		flags |= UF_AF_HAS_UFFD;
 	if (A->event_fork)
 		flags |= UF_AF_EVENT_FORK;
+	if ((flags & UF_AF_RECONNECT) && A->table_wanted)
+		flags |= UF_AF_TABLE_LOST;
 	rc = send_msg(UF_A_HELLO, flags, 0, A->pid, getppid(),
 		      A->uffd_err ? A->uffd_err : (int64_t)A->features, w, 6, A->uffd);
 	if (rc < 0)
@@ -668,6 +673,8 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 			A->kept_tag[A->nkept] = h->a;
 			A->kept_fd[A->nkept++] = fd;
 			fd = -1;
+			if (h->a == UF_KEEP_SWAP_TABLE)
+				A->table_wanted = 0;
 		}
 		break;
 	}
@@ -1067,7 +1074,14 @@ EXPORT pid_t fork(void)
 		A->uffd = -1;
 		A->uffd_err = 0;
 		A->fence_seq = A->fence_done_seq = 0;
-		while (A->nkept > 0) /* the parent's store: the child gets its own */
+		/* the parent's store and table: the child gets its own (with EVENT_FORK the
+		 * manager holds a copy of the parent's swap table for it, until then the only
+		 * record of the pages it has evicted) */
+		A->table_wanted = 0;
+		for (int k = 0; k < A->nkept; k++)
+			if (A->kept_tag[k] == UF_KEEP_SWAP_TABLE && ef)
+				A->table_wanted = 1;
+		while (A->nkept > 0)
 			close(A->kept_fd[--A->nkept]);
 		/* With EVENT_FORK our ranges (scratch included) are registered with the
 		 * child's new uffd, which the manager holds and gives us after HELLO.

@@ -59,12 +59,17 @@ enum uf_agent_type {
 			    * reconnect: the manager's store outlives the manager */
 };
 
+/* KEEP_FD tags the agent knows of (the others it keeps without looking) */
+#define UF_KEEP_SWAP_TABLE 3
+
 enum uf_agent_flags {
 	UF_AF_FORKED = 1,      /* HELLO from a child created by fork() */
 	UF_AF_HAS_UFFD = 2,    /* HELLO carries the process's uffd */
 	UF_AF_EVENT_FORK = 4,  /* the uffd has EVENT_FORK (children are registered by the kernel) */
 	UF_AF_RECONNECT = 8,   /* HELLO after the manager went away: same uffd, same mm */
-	UF_AF_USER_MODE = 16   /* the uffd was opened with UFFD_USER_MODE_ONLY */
+	UF_AF_USER_MODE = 16,  /* the uffd was opened with UFFD_USER_MODE_ONLY */
+	UF_AF_TABLE_LOST = 32  /* RECONNECT of a fork child whose swap page table (a copy of
+				* its parent's, pages evicted included) never reached it */
 };
 
 #endif

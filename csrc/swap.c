@@ -108,7 +108,9 @@ struct uf_store {
 	uint64_t *gone;
 	size_t ngone, capgone;
 	/* file */
-	uint16_t *refs;
+	uint16_t *refs; /* in the memfd mfd (see struct file_head) */
+	struct file_head *fhead;
+	int mfd;
 	uint64_t nslots, capslots, cursor, max_slots;
 	int fd, direct, ring_ok;
 	struct io_uring ring;
@@ -162,6 +164,7 @@ uf_store *uf_store_memory(int accel, int *err)
 		return NULL;
 	}
 	s->kind = UF_STORE_MEMORY;
+	s->mfd = -1;
 	s->users = 1;
 	s->accel = accel > 0 ? accel : 1;
 	s->fd = memfd_create("uffdio-swap-store", MFD_CLOEXEC);
@@ -192,6 +195,7 @@ uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
 		return NULL;
 	}
 	s->kind = UF_STORE_MEMORY;
+	s->mfd = -1;
 	s->users = 1;
 	s->accel = accel > 0 ? accel : 1;
 	s->fd = fd;
@@ -222,24 +226,72 @@ uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
 /* The descriptor to hand to agents so that the store outlives us (-1: none can). */
 int uf_store_fd(uf_store *s)
 {
-	return s->kind == UF_STORE_MEMORY ? s->fd : -1;
+	return s->kind == UF_STORE_MEMORY ? s->fd : s->kind == UF_STORE_FILE ? s->mfd : -1;
 }
 
-/* The store takes ownership of fd (closed when the last page table lets go). */
-uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err)
+/* The file store's reference counts live in a memfd too (this header, then a uint16_t
+ * per slot at FMETA_OFF), so that a manager taking over after a kill knows which slots
+ * of the swap file hold pages. */
+#define FMETA_MAGIC 0x55464644494f4631ULL /* "UFFDIOF1" */
+#define FMETA_OFF 4096ULL
+#define FMETA_SLOTS (1ULL << 32) /* 16 TiB of swap file */
+#define FMETA_SIZE (FMETA_OFF + FMETA_SLOTS * 2)
+struct file_head {
+	uint64_t magic, version, nslots, max_slots, pad[4];
+	struct uf_store_stats st;
+};
+
+static int fmeta_map(uf_store *s)
+{
+	void *m = mmap(NULL, FMETA_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, s->mfd, 0);
+
+	if (m == MAP_FAILED)
+		return -1;
+	s->fhead = m;
+	s->refs = (uint16_t *)((char *)m + FMETA_OFF);
+	s->capslots = FMETA_SLOTS;
+	s->st = &s->fhead->st;
+	return 0;
+}
+
+/* fd: the swap file; meta_fd: its memfd of reference counts, -1 to make one (a new
+ * file).  The store owns both if it is returned (closed when the last page table lets
+ * go). */
+static uf_store *file_store(int fd, int meta_fd, uint64_t max_bytes, int *err)
 {
 	uf_store *s = calloc(1, sizeof(*s));
 	int fl, r;
+	struct stat sb;
 
 	if (!s) {
 		*err = -ENOMEM;
 		return NULL;
 	}
 	s->kind = UF_STORE_FILE;
-	s->st = &s->own_st;
 	s->users = 1;
 	s->fd = fd;
-	s->max_slots = max_bytes ? max_bytes / PG : (1ULL << 40);
+	s->mfd = meta_fd >= 0 ? meta_fd : memfd_create("uffdio-swap-file-refs", MFD_CLOEXEC);
+	if (s->mfd < 0 || (meta_fd < 0 && ftruncate(s->mfd, (off_t)FMETA_SIZE) < 0) ||
+	    fstat(s->mfd, &sb) < 0 || (uint64_t)sb.st_size != FMETA_SIZE || fmeta_map(s) < 0) {
+		*err = s->mfd < 0 ? -errno : -EINVAL;
+		if (s->mfd >= 0 && meta_fd < 0)
+			close(s->mfd);
+		free(s);
+		return NULL;
+	}
+	if (meta_fd < 0) {
+		s->fhead->magic = FMETA_MAGIC;
+		s->fhead->version = 1;
+		s->fhead->max_slots = max_bytes && max_bytes / PG < FMETA_SLOTS ? max_bytes / PG : FMETA_SLOTS;
+	} else if (s->fhead->magic != FMETA_MAGIC || s->fhead->version != 1 ||
+		   s->fhead->nslots > s->fhead->max_slots || s->fhead->max_slots > FMETA_SLOTS) {
+		munmap(s->fhead, FMETA_SIZE);
+		free(s);
+		*err = -EBADMSG;
+		return NULL;
+	}
+	s->max_slots = s->fhead->max_slots;
+	s->nslots = s->fhead->nslots;
 	fl = fcntl(fd, F_GETFL);
 	s->direct = fl >= 0 && (fl & O_DIRECT);
 	if (posix_memalign(&s->bounce, PG, PG)) {
@@ -250,6 +302,9 @@ uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err)
 	r = io_uring_queue_init(64, &s->ring, 0);
 	if (r < 0) {
 		free(s->bounce);
+		munmap(s->fhead, FMETA_SIZE);
+		if (meta_fd < 0)
+			close(s->mfd);
 		free(s);
 		*err = r;
 		return NULL;
@@ -260,6 +315,15 @@ uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err)
 	return s;
 }
 
+uf_store *uf_store_file(int fd, uint64_t max_bytes, int *err) { return file_store(fd, -1, max_bytes, err); }
+
+/* Take over the swap file of a manager that died (fd) and its reference counts (meta_fd,
+ * the memfd an agent kept): the store owns both if it is returned. */
+uf_store *uf_store_file_adopt(int fd, int meta_fd, int *err) { return file_store(fd, meta_fd, 0, err); }
+
+/* The swap file of a file store (-1 for other stores): agents keep it with uf_store_fd's. */
+int uf_store_file_fd(uf_store *s) { return s->kind == UF_STORE_FILE ? s->fd : -1; }
+
 uf_store *uf_store_external(int *err)
 {
 	uf_store *s = calloc(1, sizeof(*s));
@@ -269,6 +333,7 @@ uf_store *uf_store_external(int *err)
 		return NULL;
 	}
 	s->kind = UF_STORE_EXTERNAL;
+	s->mfd = -1;
 	s->st = &s->own_st;
 	s->users = 1;
 	s->fd = -1;
@@ -355,7 +420,10 @@ void uf_store_free(uf_store *s)
 {
 	if (!s || __atomic_sub_fetch(&s->users, 1, __ATOMIC_ACQ_REL) > 0)
 		return;
-	free(s->refs);
+	if (s->fhead)
+		munmap(s->fhead, FMETA_SIZE);
+	if (s->mfd >= 0)
+		close(s->mfd);
 	free(s->ext);
 	free(s->gone);
 	free(s->bounce);
@@ -373,8 +441,8 @@ void uf_store_get_stats(uf_store *s, struct uf_store_stats *out)
 {
 	st_lock(s);
 	*out = *s->st;
-	out->slots_cap = s->capslots;
-	out->meta_bytes = s->capslots * sizeof(uint16_t);
+	out->slots_cap = s->max_slots;
+	out->meta_bytes = s->nslots * sizeof(uint16_t);
 	out->reserved_bytes = s->nchunks * BLOB_CHUNK;
 	st_unlock(s);
 }
@@ -395,16 +463,8 @@ static uint64_t file_slot_alloc(uf_store *s)
 	}
 	if (s->nslots >= s->max_slots)
 		return 0;
-	if (s->nslots >= s->capslots) {
-		uint64_t nc = s->capslots ? s->capslots + s->capslots / 4 + 1024 : 4096;
-		uint16_t *nr = realloc(s->refs, nc * sizeof(*nr));
-		if (!nr)
-			return 0;
-		memset(nr + s->capslots, 0, (nc - s->capslots) * sizeof(*nr));
-		s->refs = nr;
-		s->capslots = nc;
-	}
-	return ++s->nslots; /* slot k is refs[k - 1], file offset (k - 1) * 4096 */
+	s->fhead->nslots = ++s->nslots;
+	return s->nslots; /* slot k is refs[k - 1], file offset (k - 1) * 4096 */
 }
 
 static uint16_t *mem_hdr(uf_store *s, uint64_t h) { return (uint16_t *)(s->base + h); }
@@ -792,6 +852,7 @@ static int64_t store_put_pages(uf_store *s, const char *base, const uint64_t *of
 		 * freed slots inside the file before it tries to grow it again */
 		while (s->nslots && !s->refs[s->nslots - 1])
 			s->nslots--;
+		s->fhead->nslots = s->nslots;
 		if (s->cursor >= s->nslots)
 			s->cursor = 0;
 		s->st->bytes_stored += k * PG;
@@ -1132,6 +1193,7 @@ static void pt_init(uf_pt *pt, uf_store *store)
 /* The descriptor of the table's memfd, for the agent to keep, and its store's. */
 int uf_pt_fd(uf_pt *pt) { return pt->tfd; }
 int uf_pt_store_fd(uf_pt *pt) { return uf_store_fd(pt->store); }
+int uf_pt_store_file_fd(uf_pt *pt) { return uf_store_file_fd(pt->store); }
 
 uf_pt *uf_pt_new(uf_store *store, int *err)
 {

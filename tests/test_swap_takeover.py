@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -72,14 +71,16 @@ def _kill(p: subprocess.Popen[str]) -> None:
         (["--limit", "8M", "--churn", "0.01"], ["--limit", "8M"]),
         # a manager started without swap serves the pages it takes over, without a limit
         (["--limit", "8M"], []),
+        # a swap file: its slots' reference counts are a memfd the agent keeps too
+        (["--limit", "8M", "--store", "file:{tmp}"], ["--limit", "8M"]),
     ],
-    ids=["limit", "churn", "no-limit-after"],
+    ids=["limit", "churn", "no-limit-after", "file"],
 )
 def test_killed_swap_manager_is_taken_over(
     swaptest: str, tmp_path: Path, first: list[str], second: list[str]
 ) -> None:
     sock = str(tmp_path / "m.sock")
-    m1 = _serve(sock, *first)
+    m1 = _serve(sock, *(a.replace("{tmp}", str(tmp_path)) for a in first))
     target = _target(swaptest, sock, "32", "rand", "40000", "2", "30")
     try:
         time.sleep(2.5)  # filled and evicting
@@ -105,6 +106,7 @@ def test_killed_swap_manager_is_taken_over(
         assert rec["pages_evicted"] + rec["pages_from_scratch"] > 1000  # most of 32 MiB
         assert rec["pages_waiting"] == 0
         assert s["pages_swapped_in"] > 0
+        assert not list(tmp_path.glob("uffdio-swap-*"))  # the taken-over swap file is gone
     finally:
         _kill(target)
         _kill(m1)
@@ -135,21 +137,64 @@ def test_takeover_twice(swaptest: str, tmp_path: Path) -> None:
             _kill(target)
 
 
-def test_file_store_is_not_taken_over(swaptest: str, tmp_path: Path) -> None:
-    """A swap file's pages cannot be taken over yet: the new manager says so and leaves
+PYSTORE_MANAGER = """
+import sys
+
+import anyio
+
+from uffdio import Manager
+from uffdio.swap import PyStore, Swap
+
+
+class DictStore(PyStore):
+    def __init__(self):
+        super().__init__()
+        self.pages, self.next = {}, 1
+
+    async def put(self, pages):
+        keys = []
+        for i in range(len(pages) // 4096):
+            self.pages[self.next] = bytes(pages[i * 4096 : (i + 1) * 4096])
+            keys.append(self.next)
+            self.next += 1
+        return keys
+
+    async def get(self, key):
+        return self.pages[key]
+
+    async def discard(self, keys):
+        for k in keys:
+            self.pages.pop(k, None)
+
+
+async def main():
+    async with Manager(sys.argv[1], swap=Swap(store=DictStore(), limit=8 << 20)):
+        await anyio.sleep_forever()
+
+
+anyio.run(main)
+"""
+
+
+def test_python_store_is_not_taken_over(swaptest: str, tmp_path: Path) -> None:
+    """A Python store's pages died with its manager: the new manager says so and leaves
     the program waiting - it must never serve those pages as zeros."""
     sock = str(tmp_path / "m.sock")
-    m1 = _serve(sock, "--limit", "8M", "--store", f"file:{tmp_path}")
+    m1 = subprocess.Popen([sys.executable, "-c", PYSTORE_MANAGER, sock], stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert m1.poll() is None and time.monotonic() < deadline, "the manager did not start"
+        time.sleep(0.05)
     target = _target(swaptest, sock, "32", "rand", "40000", "2", "30")
     m2 = None
     try:
-        time.sleep(2.5)
+        time.sleep(3.0)
         _kill(m1)
         m2 = _serve(sock, "--limit", "8M")
         time.sleep(2.0)
         assert target.poll() is None, target.communicate()
         assert _threads_waiting(target.pid)
-        m2.send_signal(signal.SIGTERM)
+        m2.terminate()
         _, err = m2.communicate(timeout=60)
         assert "cannot be taken over" in err
     finally:

@@ -82,6 +82,7 @@ TAG_STORE = 1
 TAG_STATE = 2
 TAG_SWAP_TABLE = 3  # userspace swap: the process's page table (a memfd)
 TAG_SWAP_STORE = 4  # userspace swap: the store its table refers to (a memfd)
+TAG_SWAP_FILE = 5  # userspace swap: the swap file of a file store
 SNAP_MAGIC = 0x55464644494F5331  # "UFFDIOS1"
 SNAP_SCRATCH = 100  # snapshot entry kind: pages that sit in the scratch area
 
@@ -203,7 +204,11 @@ class ManagedProcess:
         self.resumed = False
         #: a reconnecting agent's swap page table and store (fds), until Swap.attach
         #: takes them over
-        self.swap_kept: tuple[int, int] | None = None
+        self.swap_kept: tuple[int, int, int] | None = None
+        #: the process's user (SO_PEERCRED)
+        self.uid = os.geteuid()
+        #: a reconnecting fork child whose swap page table never reached its agent
+        self.swap_lost = False
         #: the agent thread's tid (0 until it said so)
         self.agent_tid = 0
         self._sock = sock
@@ -991,6 +996,7 @@ class Manager:
             proc = await self._hello(conn, hello)
             if proc is None:
                 return
+            proc.uid = uid
             await self._run(proc)
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             raise
@@ -1050,14 +1056,19 @@ class Manager:
         if h.flags & P.AF_RECONNECT:
             store = kept.get(TAG_STORE)
             state = kept.get(TAG_STATE)
-            table, sstore = kept.pop(TAG_SWAP_TABLE, -1), kept.pop(TAG_SWAP_STORE, -1)
+            table = kept.pop(TAG_SWAP_TABLE, -1)
+            sstore, sfile = kept.pop(TAG_SWAP_STORE, -1), kept.pop(TAG_SWAP_FILE, -1)
             if table >= 0:
                 # pages of its are in a dead manager's swap store: Swap.attach takes the
                 # table and the store over (see Swap._adopt)
-                proc.swap_kept = (table, sstore)
+                proc.swap_kept = (table, sstore, sfile)
                 self._need_swap()
-            elif sstore >= 0:
-                os.close(sstore)
+            elif h.flags & P.AF_TABLE_LOST:
+                proc.swap_lost = True
+            if table < 0:
+                for fd in (sstore, sfile):
+                    if fd >= 0:
+                        os.close(fd)
             if store is not None:
                 ino = os.fstat(store).st_ino
                 if ino not in self._arena_by_ino:
@@ -1170,9 +1181,23 @@ class Manager:
         with contextlib.suppress(OSError):
             pidfd = os.pidfd_open(proc.pid)
         try:
-            async with anyio.create_task_group() as tg:
+            try:
+                if proc.swap_lost:
+                    raise error_for(
+                        errno.EBADMSG,
+                        "takeover",
+                        f"pid {proc.pid} was forked just before its manager was killed, and its"
+                        " page table (the only record of which of its pages were evicted) never"
+                        " reached it",
+                    )
                 if self.swap is not None:
                     self.swap.attach(proc)
+            except UffdError as exc:
+                if not proc.resumed:
+                    raise
+                await self._hold(proc, str(exc))
+                return
+            async with anyio.create_task_group() as tg:
                 if proc._scope is None:  # not already served (a fork child is)
                     proc._scope = anyio.CancelScope()
                     await tg.start(self._serve_uffd, proc.uffd, proc._scope)
@@ -1188,11 +1213,14 @@ class Manager:
                     tg.start_soon(self._watch_exit, proc, pidfd, tg)
                 try:
                     await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
-                    await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
+                    if proc.uid == os.geteuid():
+                        # (a store holds every process's pages: never in another user's)
+                        await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
                     if self.swap is not None:
                         # the page table and its store outlive us in the agent
                         for tag, fd in self.swap.kept_fds(proc):
                             await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
+                        self.swap.kept(proc)
                     if proc.resumed:
                         await proc._recover_finish()
                     # empty the scratch area: a paired child's probe page, or a copy of
@@ -1216,6 +1244,27 @@ class Manager:
         finally:
             if pidfd >= 0:
                 os.close(pidfd)
+
+    async def _hold(self, proc: ManagedProcess, reason: str) -> None:
+        """A process whose manager was killed and whose pages cannot be taken over: serving
+        it would give it zeros where its evicted pages were.  It is not served - its
+        threads keep waiting on their faults (the agent's uffd keeps the registrations) -
+        and it is reported; the connection stays open until it ends, so that its agent
+        does not call again and again."""
+        reason += ": it is not served (its threads wait; no page is given as zeros) - end it"
+        proc.unmanaged_reason = reason
+        log.error("pid %d: %s", proc.pid, reason)
+        if self.swap is not None:
+            self.swap._error(reason)
+        if proc.uffd is not None:
+            proc.uffd.close()  # ours: the agent's duplicate keeps the registrations
+            proc.uffd = None
+        conn = proc._sock
+        with contextlib.suppress(OSError):
+            await P.send(conn, P.pack(P.M_WELCOME))
+            while (msg := await P.recv(conn)) is not None:
+                if msg.fd >= 0:
+                    os.close(msg.fd)
 
     async def _rescan(self, proc: ManagedProcess) -> None:
         while True:

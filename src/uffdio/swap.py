@@ -171,6 +171,26 @@ class FileStore(Store):
         super().__init__(h)
         self._unlinked = False
 
+    @classmethod
+    def adopt(cls, fd: int, meta_fd: int) -> FileStore:
+        """The swap file of a manager that was killed (``fd``) and its slots' reference
+        counts (``meta_fd``, a memfd), both kept by an agent; the store owns them once
+        this returns, and removes the file when closed, as its creator would have."""
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        err = ffi.new("int *")
+        h = lib.uf_store_file_adopt(fd, meta_fd, err)
+        if h == ffi.NULL:
+            check(err[0], "takeover", "the killed manager's swap file")
+        self = cls.__new__(cls)
+        Store.__init__(self, h)
+        self.path = path
+        # a path that is gone (" (deleted)") or was never known is not ours to remove
+        self._unlinked = not path.startswith("/") or path.endswith(" (deleted)")
+        return self
+
     def close(self) -> None:
         # the C store closes the file when the last page table lets go of it
         super().close()
@@ -283,6 +303,9 @@ class _Proc:
     shared: int = 0  # resident pages shared with another process (after fork)
     events: int = 0  # the engine's event count when the regions were last asked for
     scanned: float = 0.0
+    #: the agent has been handed the page table (see kept_fds): from then on a manager
+    #: that takes over after a kill finds every page evicted - nothing is evicted before
+    kept: bool = False
 
     def close(self) -> None:
         if self.pagemap >= 0:
@@ -400,22 +423,27 @@ class Swap:
         Python store) is refused: the process's threads keep waiting - serving it without
         its pages would give it zeros."""
         assert proc.swap_kept is not None
-        table, sfd = proc.swap_kept
+        table, sfd, ffd = proc.swap_kept
         proc.swap_kept = None
         try:
             if sfd < 0:
                 raise error_for(
                     errno.EBADMSG,
                     "takeover",
-                    f"pid {proc.pid}: its pages are in a store that cannot be taken over (only"
-                    " the memory store can); it keeps waiting",
+                    f"pid {proc.pid}: its pages are in a store that cannot be taken over (a"
+                    " Python store, or one not shared with another user's process); it keeps"
+                    " waiting",
                 )
             if pagemap < 0:
                 raise UffdProcessGone(errno.ESRCH, f"takeover: pid {proc.pid} exited")
             ino = os.fstat(sfd).st_ino
             store = self.adopted_stores.get(ino)
             if store is None:
-                store = MemoryStore.adopt(sfd)
+                if ffd >= 0:
+                    store = FileStore.adopt(ffd, sfd)
+                    ffd = -1
+                else:
+                    store = MemoryStore.adopt(sfd)
                 self.adopted_stores[ino] = store
             else:
                 os.close(sfd)
@@ -434,7 +462,7 @@ class Swap:
             self._error(str(exc))
             raise
         finally:
-            for fd in (table, sfd):
+            for fd in (table, sfd, ffd):
                 if fd >= 0:
                     os.close(fd)
         keys = list(self.recovered)[1:]
@@ -459,18 +487,30 @@ class Swap:
 
     def kept_fds(self, proc: ManagedProcess) -> list[tuple[int, int]]:
         """(tag, fd) for proc's agent to keep: the page table, and its store when a
-        manager that takes over can read it (the memory store)."""
-        from .manage import TAG_SWAP_STORE, TAG_SWAP_TABLE
+        manager that takes over can read it (the memory store's memfd; a file store's
+        reference counts and swap file).  A store holds every process's pages: it is
+        never handed to a process of another user (its pages then cannot be taken over)."""
+        from .manage import TAG_SWAP_FILE, TAG_SWAP_STORE, TAG_SWAP_TABLE
 
         p = self.procs.get(proc.pid)
         if p is None:
             return []
         out = []
-        sfd = lib.uf_pt_store_fd(p.pt)
-        if sfd >= 0:
-            out.append((TAG_SWAP_STORE, sfd))
+        if proc.uid == os.geteuid():
+            sfd, ffd = lib.uf_pt_store_fd(p.pt), lib.uf_pt_store_file_fd(p.pt)
+            if sfd >= 0:
+                out.append((TAG_SWAP_STORE, sfd))
+            if ffd >= 0:
+                out.append((TAG_SWAP_FILE, ffd))
+        # last: a manager taking over needs the store before it can use the table
         out.append((TAG_SWAP_TABLE, lib.uf_pt_fd(p.pt)))
         return out
+
+    def kept(self, proc: ManagedProcess) -> None:
+        """proc's agent has what kept_fds gave: its pages may be evicted from now on."""
+        p = self.procs.get(proc.pid)
+        if p is not None:
+            p.kept = True
 
     async def _on_fault(self, batch: Any) -> None:
         """Faults on pages of a Python store (the engine forwards them): read, install."""
@@ -681,7 +721,7 @@ class Swap:
         the number of pages evicted (pages the kernel refuses to move - shared after
         fork, pinned - stay resident)."""
         p = self.procs.get(proc.pid)
-        if p is None or proc.exited or proc.uffd is None or want <= 0:
+        if p is None or not p.kept or proc.exited or proc.uffd is None or want <= 0:
             return 0
         if not proc.features & C.Feature.MOVE:
             raise UffdUnsupportedError(
