@@ -369,6 +369,12 @@ static int data_cb(struct dl_phdr_info *info, size_t size, void *arg)
 	return 0;
 }
 
+/* Called by a program thread (session_start), never by the agent thread:
+ * dl_iterate_phdr reads the calling thread's DTV and the loader's link maps, which
+ * live in the managed heap - an agent thread waiting on such a page waits for a
+ * manager that may have died with its fault unread, and no successor can reach it
+ * (it is the thread that would reconnect).  Objects loaded later (dlopen) are not
+ * read by the agent thread; their .bss is managed like any anonymous memory. */
 static void note_data(void)
 {
 	A->ndata = 0;
@@ -598,10 +604,8 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 			rc = -EBADF;
 			break;
 		}
-		if (!A->lockall) {
-			note_data(); /* libraries loaded since the last scan */
+		if (!A->lockall)
 			rc = walk_maps(register_one, &o);
-		}
 		nout = o.n;
 		aux = o.busy;
 		break;
@@ -834,6 +838,7 @@ static int session_start(uint32_t flags)
 	int s, rc;
 
 	A->pid = getpid();
+	note_data();
 	if (A->uffd < 0 && !(flags & UF_AF_FORKED && A->event_fork)) {
 		int fd = open_uffd(&A->event_fork, &A->features);
 		if (fd < 0)
