@@ -295,6 +295,9 @@ static uf_store *file_store(int fd, int meta_fd, uint64_t max_bytes, int *err)
 	fl = fcntl(fd, F_GETFL);
 	s->direct = fl >= 0 && (fl & O_DIRECT);
 	if (posix_memalign(&s->bounce, PG, PG)) {
+		munmap(s->fhead, FMETA_SIZE);
+		if (meta_fd < 0)
+			close(s->mfd);
 		free(s);
 		*err = -ENOMEM;
 		return NULL;
@@ -951,6 +954,9 @@ struct pt_head {
 	uint64_t scratch;  /* where its pages are moved (0: not known yet) */
 	uint64_t nlog;	   /* remaps since it began */
 	uint64_t unknown;  /* its runs or remaps did not fit: find pages by state only */
+	/* a REMAP being applied (len 0: none): phase 1 drops the destination's entries,
+	 * phase 2 moves the source's (see uf_pt_event, remap_finish) */
+	uint64_t remap_from, remap_to, remap_len, remap_phase;
 };
 #define PT_RUNS(pt) ((uint64_t *)((pt)->tmap + PT_RUNS_OFF))
 #define PT_LOG(pt) ((struct remap *)((pt)->tmap + PT_LOG_OFF))
@@ -1433,7 +1439,35 @@ void uf_pt_event(uf_pt *pt, const struct uf_msg *m)
 		drop_range(pt, m->a & ~(PG - 1), m->b);
 		break;
 	case UFFD_EVENT_REMAP: { /* a = from, b = to, c = len */
-		uint64_t n = m->c / PG, i, *tmp = malloc((n ? n : 1) * sizeof(uint64_t));
+		uint64_t n = m->c / PG, i, *tmp;
+		if (m->a + m->c <= m->b || m->b + m->c <= m->a) {
+			/* apart (mremap moves do not overlap): each entry is written at the
+			 * destination before it leaves the source, its reference taken first and
+			 * dropped last - a manager killed in between leaves a reference too many,
+			 * never an entry lost or naming a freed blob (the stale source entry is
+			 * outside any mapping: uf_pt_recover drops it) */
+			struct pt_head *h = pt->th;
+			h->remap_from = m->a;
+			h->remap_to = m->b;
+			h->remap_phase = 1;
+			__atomic_store_n(&h->remap_len, m->c, __ATOMIC_RELEASE);
+			drop_range(pt, m->b, m->b + m->c); /* the kernel unmapped what was there */
+			__atomic_store_n(&h->remap_phase, 2, __ATOMIC_RELEASE);
+			for (i = 0; i < n; i++) {
+				uint64_t *e = ent_at(pt, m->a + i * PG, 0), v = e ? *e : 0;
+				if (!v)
+					continue;
+				st_lock(pt->store);
+				slot_get_ref(pt->store, E_SLOT(v));
+				st_unlock(pt->store);
+				if (ent_put(pt, m->b + i * PG, v) == 0)
+					ent_set(pt, e, 0);
+				pt_drop_handle(pt, E_SLOT(v));
+			}
+			__atomic_store_n(&h->remap_len, 0, __ATOMIC_RELEASE);
+			goto remap_logged;
+		}
+		tmp = malloc((n ? n : 1) * sizeof(uint64_t));
 		if (!tmp)
 			break; /* cannot happen in practice; entries stay (faults would go to Python) */
 		for (i = 0; i < n; i++) {
@@ -1448,6 +1482,7 @@ void uf_pt_event(uf_pt *pt, const struct uf_msg *m)
 			if (tmp[i])
 				ent_put(pt, m->b + i * PG, tmp[i]);
 		free(tmp);
+	remap_logged:
 		if (pt->batch) {
 			if (pt->nlog == pt->caplog) {
 				size_t nc = pt->caplog ? pt->caplog * 2 : 8;
@@ -2841,6 +2876,45 @@ int64_t uf_pt_list(uf_pt *pt, int state, uint64_t *out, size_t max)
 
 /* ---- taking over from a killed manager ---------------------------------------------- */
 
+/* Whether h can name a page of store s (0 does: no handle).  A memory-store handle
+ * lies in a chunk in use and its header is sane; a file slot is inside the file. */
+static int handle_valid(uf_store *s, uint64_t h)
+{
+	if (!h)
+		return 1;
+	if (s->kind == UF_STORE_MEMORY) {
+		uint64_t end = (s->nchunks + 1) * BLOB_CHUNK, len;
+		if (h < BLOB_CHUNK || h % BLOB_UNIT || h + 4 > end)
+			return 0;
+		len = mem_hdr(s, h)[0];
+		return len <= PG && h + 4 + (len ? len : PG) <= end;
+	}
+	if (s->kind == UF_STORE_FILE)
+		return (h >> 4) >= 1 && (h >> 4) <= s->nslots;
+	return 1;
+}
+
+/* Let go of an adopted table without touching the store: its entries' references
+ * belong to the memfd the agent still keeps, for whoever takes over next. */
+static void pt_abandon(uf_pt *pt, int close_fd)
+{
+	munmap(pt->tmap, PT_SIZE);
+	if (close_fd)
+		close(pt->tfd);
+	free(pt->tab);
+	free(pt->runs);
+	free(pt->log);
+	uf_store_free(pt->store);
+	pthread_mutex_destroy(&pt->lock);
+	free(pt);
+}
+
+void uf_pt_abandon(uf_pt *pt)
+{
+	if (pt)
+		pt_abandon(pt, 1);
+}
+
 /* The page table of a process whose manager died (fd: the memfd its agent kept, which
  * the table owns if it is returned), over `store` (the dead manager's store, adopted).  The batch in
  * flight, if any, is loaded for uf_pt_recover, which must run before the table serves a
@@ -2875,7 +2949,8 @@ uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
 		return NULL;
 	}
 	pt_init(pt, store);
-	pt->th->nleaves = 0; /* leaf_new counts them again */
+	/* nothing is written here until the table is whole: a manager killed while it
+	 * adopts leaves the memfd as it found it */
 	for (i = 0; i < n; i++) {
 		uint64_t key = PT_DIR(pt)[i];
 		struct leafslot *ls;
@@ -2884,16 +2959,18 @@ uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
 		for (j = hash64(key) & (pt->ntab - 1); pt->tab[j].key; j = (j + 1) & (pt->ntab - 1))
 			;
 		ls = &pt->tab[j];
-		ls->ents = leaf_new(pt, key); /* leaf i again */
+		ls->ents = (uint64_t *)(pt->tmap + PT_LEAF_OFF + i * LEAF_N * 8);
 		ls->key = key;
 		pt->nleaves++;
 		for (uint64_t k = 0; k < LEAF_N; k++) {
 			uint64_t v = ls->ents[k];
-			if (v) {
-				pt->counts[E_STATE(v) < 5 ? E_STATE(v) : 0]++;
-				if (E_STAMP(v) > pt->epoch)
-					pt->epoch = E_STAMP(v);
-			}
+			if (!v)
+				continue;
+			if (E_STATE(v) > UF_PG_ZERO || !handle_valid(store, E_SLOT(v)))
+				goto bad; /* not a table we wrote: nothing in it is trusted */
+			pt->counts[E_STATE(v)]++;
+			if (E_STAMP(v) > pt->epoch)
+				pt->epoch = E_STAMP(v);
 		}
 	}
 	n = pt->th->nruns;
@@ -2912,13 +2989,7 @@ uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
 bad:
 	/* not uf_pt_unref: the entries' references are the store's, not ours to drop */
 	*err = -EBADMSG;
-	munmap(pt->tmap, PT_SIZE);
-	free(pt->tab);
-	free(pt->runs);
-	free(pt->log);
-	uf_store_free(pt->store);
-	pthread_mutex_destroy(&pt->lock);
-	free(pt);
+	pt_abandon(pt, 0); /* fd stays the caller's */
 	return NULL;
 }
 
@@ -2931,6 +3002,33 @@ static int pm_mapped(int pagemap_fd, uint64_t addr)
 	if (pread(pagemap_fd, &v, 8, (off_t)(addr / PG * 8)) != 8)
 		return -1;
 	return (int)((v >> 62) & 3) != 0;
+}
+
+/* Finish a remap that a killed manager was applying (lock held): the destination's old
+ * entries dropped (phase 1), then each source entry moved unless it already is.  Every
+ * step of uf_pt_event's remap leaves references too many, never too few, so doing a step
+ * again only leaks. */
+static void remap_finish(uf_pt *pt)
+{
+	struct pt_head *h = pt->th;
+	uint64_t i, n = h->remap_len / PG;
+
+	if (!h->remap_len)
+		return;
+	if (h->remap_phase == 1)
+		drop_range(pt, h->remap_to, h->remap_to + h->remap_len);
+	for (i = 0; i < n; i++) {
+		uint64_t *e = ent_at(pt, h->remap_from + i * PG, 0), v = e ? *e : 0, *d;
+		if (!v)
+			continue;
+		d = ent_at(pt, h->remap_to + i * PG, 1);
+		if (!d)
+			continue; /* no memory: it stays at the source (a leak, not a loss) */
+		if (*d != v)
+			ent_put(pt, h->remap_to + i * PG, v); /* (the destination was dropped) */
+		ent_set(pt, e, 0); /* its reference went with it */
+	}
+	h->remap_len = 0;
 }
 
 /* Make an adopted table true again (before it serves anything; the process may run,
@@ -2959,6 +3057,9 @@ int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
 		return -ENOMEM;
 	}
 	pthread_mutex_lock(&pt->lock);
+	remap_finish(pt); /* a remap the dead manager was applying */
+	pthread_mutex_unlock(&pt->lock);
+	pthread_mutex_lock(&pt->lock);
 	FOR_BATCH_PAGES(pt, idx, a0) {
 		uint64_t a = translate(pt, a0), *e = ent_at(pt, a, 0), v, h = 0, src = scratch + idx * PG;
 		int m;
@@ -2980,8 +3081,18 @@ int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
 			out[2]++;
 			continue;
 		}
-		if (!scratch || pm_mapped(pagemap_fd, src) != 1)
-			continue; /* the pass below decides */
+		m = scratch ? pm_mapped(pagemap_fd, src) : 0;
+		if (m < 0)
+			continue; /* cannot tell: the pass below decides */
+		if (!m) {
+			/* neither in the program nor in the scratch area (or the MOVE was never
+			 * asked for): a hole, never there to move - zeros, as before */
+			if (!E_SLOT(v)) {
+				ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+				out[2]++;
+			}
+			continue; /* (a clean one: the pass below makes it EVICTED) */
+		}
 		struct iovec l = { buf, PG }, r = { (void *)(uintptr_t)src, PG };
 		if (process_vm_readv(pid, &l, 1, &r, 1, 0) != (ssize_t)PG)
 			continue;

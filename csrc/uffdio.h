@@ -190,6 +190,7 @@ int uf_pt_fd(uf_pt *pt);
 int uf_pt_store_fd(uf_pt *pt);
 uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err);
 int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out);
+void uf_pt_abandon(uf_pt *pt);
 void uf_pt_attach(uf_pt *pt, int uffd, int kick_fd, int wp, uf_budget *budget);
 void uf_pt_tick(uf_pt *pt);
 void uf_pt_exempt(uf_pt *pt, uint32_t tid);

@@ -689,6 +689,24 @@ def _dead(pid: int) -> bool:
         os.close(fd)
 
 
+def _wake_all(proc: ManagedProcess) -> None:
+    """UFFDIO_WAKE every thread of proc waiting on a fault: one call over the whole user
+    address space, or (where that range is refused: a smaller address space) one per
+    mapping of /proc/PID/maps."""
+    assert proc.uffd is not None
+    fd = proc.uffd.fileno()
+    if lib.uf_wake(fd, WAKE_START, WAKE_END - WAKE_START) == 0:
+        return
+    try:
+        with open(f"/proc/{proc.pid}/maps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return  # gone
+    for line in lines:
+        a, b = (int(x, 16) for x in line.split()[0].split("-"))
+        lib.uf_wake(fd, a, b - a)
+
+
 def _page_present(pid: int, addr: int) -> bool:
     with open(f"/proc/{pid}/pagemap", "rb") as f:
         f.seek(addr // PAGE * 8)
@@ -1207,7 +1225,7 @@ class Manager:
                     # and nothing below gets done without it.  Wake the whole address
                     # space now that we serve: a thread whose page is still missing faults
                     # again, to us.
-                    lib.uf_wake(proc.uffd.fileno(), WAKE_START, WAKE_END - WAKE_START)
+                    _wake_all(proc)
                 tg.start_soon(self._reader, proc, tg)
                 if pidfd >= 0:
                     tg.start_soon(self._watch_exit, proc, pidfd, tg)

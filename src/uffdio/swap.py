@@ -391,7 +391,8 @@ class Swap:
         pt = lib.uf_engine_pt(e)
         if pt == ffi.NULL:
             try:
-                if proc.swap_kept is not None:
+                adopted = proc.swap_kept is not None
+                if adopted:
                     pt = self._adopt(proc, pm)
                 else:
                     err = ffi.new("int *")
@@ -400,7 +401,8 @@ class Swap:
                         check(err[0], "swap", "page table")
                 rc = lib.uf_engine_set_pt(e, pt, 1, self._budget)
                 if rc < 0:
-                    lib.uf_pt_unref(pt)
+                    # (an adopted table's references are the memfd's: let go, drop none)
+                    (lib.uf_pt_abandon if adopted else lib.uf_pt_unref)(pt)
                     check(rc, "swap", "engine")
             except BaseException:
                 if pm >= 0:
@@ -426,6 +428,15 @@ class Swap:
         table, sfd, ffd = proc.swap_kept
         proc.swap_kept = None
         try:
+            if proc.uid != os.geteuid():
+                # a store holds every process's pages: it was never handed to this
+                # process, and memfds it offers are not ours to trust
+                raise error_for(
+                    errno.EPERM,
+                    "takeover",
+                    f"pid {proc.pid} belongs to uid {proc.uid}: a store is taken over only from"
+                    " processes of the manager's own user",
+                )
             if sfd < 0:
                 raise error_for(
                     errno.EBADMSG,
@@ -456,7 +467,7 @@ class Swap:
             out = ffi.new("uint64_t[6]")
             rc = lib.uf_pt_recover(pt, proc.pid, pagemap, out)
             if rc < 0:
-                lib.uf_pt_unref(pt)
+                lib.uf_pt_abandon(pt)  # its references stay the memfd's (see uf_pt_abandon)
                 check(rc, "takeover", f"pid {proc.pid}")
         except UffdError as exc:
             self._error(str(exc))
