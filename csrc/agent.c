@@ -314,6 +314,29 @@ static int handshake(uint32_t flags)
 	}
 }
 
+/* Empty a range of our scratch area.  Not a plain MADV_DONTNEED: on a registered range
+ * that raises a REMOVE event, and the kernel holds the caller until the manager has read
+ * it - were the manager killed meanwhile, this thread (the one that must call its
+ * successor) would wait forever.  The range is unregistered for the zap and registered
+ * again (no event either way; the scratch area is registered only so that MOVE may put
+ * pages there). */
+static int zap_scratch(uint64_t start, uint64_t len)
+{
+	struct uffdio_range r = { start, len };
+	int rc = 0;
+
+	if (A->uffd >= 0 && ioctl(A->uffd, UFFDIO_UNREGISTER, &r) < 0)
+		return -errno;
+	if (madvise((void *)start, len, MADV_DONTNEED) < 0)
+		rc = -errno;
+	if (A->uffd >= 0) {
+		int r2 = uffd_register(A->uffd, start, len);
+		if (r2 < 0 && !rc)
+			rc = r2;
+	}
+	return rc;
+}
+
 /* ---- mappings -------------------------------------------------------------------------- */
 
 static int overlaps(uint64_t s, uint64_t e, uint64_t s2, uint64_t len2)
@@ -617,7 +640,7 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 		}
 		/* a range left over from an earlier request whose zap failed goes first:
 		 * the moves below may need it empty */
-		if (A->zap_len && madvise((void *)A->zap_start, A->zap_len, MADV_DONTNEED) == 0)
+		if (A->zap_len && zap_scratch(A->zap_start, A->zap_len) == 0)
 			A->zap_len = 0;
 		if (h->c > 0) {
 			uint64_t zs = (uint64_t)h->b, zl = (uint64_t)h->c;
@@ -645,8 +668,9 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 				rc = -EINVAL; /* the application's memory is never zapped this way */
 				break;
 			}
-			if (madvise((void *)w[i], w[i + 1], MADV_DONTNEED) < 0)
-				rc = -errno;
+			int z = zap_scratch(w[i], w[i + 1]);
+			if (z < 0)
+				rc = z;
 		}
 		break;
 	case UF_M_GIVE_UFFD:
@@ -713,7 +737,7 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 	 * zap): empty them while the manager works on this batch.  Requests are handled
 	 * one at a time, so the next MOVE into that range waits for this.  When it fails
 	 * the range is tried again before the next MOVE. */
-	if (zap_after && madvise((void *)h->b, (size_t)h->c, MADV_DONTNEED) < 0) {
+	if (zap_after && zap_scratch((uint64_t)h->b, (uint64_t)h->c) < 0) {
 		A->zap_start = (uint64_t)h->b;
 		A->zap_len = (uint64_t)h->c;
 	}
