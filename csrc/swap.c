@@ -143,11 +143,45 @@ static uint64_t hash64(uint64_t k);
 static void st_lock(uf_store *s) { pthread_mutex_lock(&s->lock); }
 static void st_unlock(uf_store *s) { pthread_mutex_unlock(&s->lock); }
 
+/* A memfd mapped shared over `size` bytes of address space (NORESERVE: memory is used as
+ * it is written): *fd < 0 makes a new one named `name` (closed again on failure); an
+ * existing one (a dead manager's, kept by an agent) must be exactly that size (EINVAL).
+ * Returns the mapping, or NULL with errno set.  The stores and page tables that outlive a
+ * killed manager all live in one of these. */
+static void *shm_map(int *fd, const char *name, uint64_t size)
+{
+	int made = *fd < 0, e;
+	struct stat sb;
+	void *m;
+
+	if (made) {
+		*fd = memfd_create(name, MFD_CLOEXEC);
+		if (*fd < 0)
+			return NULL;
+		if (ftruncate(*fd, (off_t)size) < 0)
+			goto fail;
+	} else if (fstat(*fd, &sb) < 0 || (uint64_t)sb.st_size != size) {
+		errno = EINVAL;
+		return NULL;
+	}
+	m = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, *fd, 0);
+	if (m != MAP_FAILED)
+		return m;
+fail:
+	if (made) {
+		e = errno;
+		close(*fd);
+		*fd = -1;
+		errno = e;
+	}
+	return NULL;
+}
+
 static int mem_map(uf_store *s)
 {
-	void *m = mmap(NULL, MEM_RESERVE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, s->fd, 0);
+	void *m = shm_map(&s->fd, "uffdio-swap-store", MEM_RESERVE);
 
-	if (m == MAP_FAILED)
+	if (!m)
 		return -1;
 	s->base = m;
 	s->head = m;
@@ -167,11 +201,9 @@ uf_store *uf_store_memory(int accel, int *err)
 	s->mfd = -1;
 	s->users = 1;
 	s->accel = accel > 0 ? accel : 1;
-	s->fd = memfd_create("uffdio-swap-store", MFD_CLOEXEC);
-	if (s->fd < 0 || ftruncate(s->fd, (off_t)MEM_RESERVE) < 0 || mem_map(s) < 0) {
+	s->fd = -1;
+	if (mem_map(s) < 0) {
 		*err = -errno;
-		if (s->fd >= 0)
-			close(s->fd);
 		free(s);
 		return NULL;
 	}
@@ -188,7 +220,6 @@ uf_store *uf_store_memory(int accel, int *err)
 uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
 {
 	uf_store *s = calloc(1, sizeof(*s));
-	struct stat sb;
 
 	if (!s) {
 		*err = -ENOMEM;
@@ -199,11 +230,6 @@ uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
 	s->users = 1;
 	s->accel = accel > 0 ? accel : 1;
 	s->fd = fd;
-	if (fstat(fd, &sb) < 0 || (uint64_t)sb.st_size != MEM_RESERVE) {
-		*err = -EINVAL;
-		free(s);
-		return NULL;
-	}
 	if (mem_map(s) < 0) {
 		*err = -errno;
 		free(s);
@@ -243,9 +269,9 @@ struct file_head {
 
 static int fmeta_map(uf_store *s)
 {
-	void *m = mmap(NULL, FMETA_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, s->mfd, 0);
+	void *m = shm_map(&s->mfd, "uffdio-swap-file-refs", FMETA_SIZE);
 
-	if (m == MAP_FAILED)
+	if (!m)
 		return -1;
 	s->fhead = m;
 	s->refs = (uint16_t *)((char *)m + FMETA_OFF);
@@ -261,7 +287,6 @@ static uf_store *file_store(int fd, int meta_fd, uint64_t max_bytes, int *err)
 {
 	uf_store *s = calloc(1, sizeof(*s));
 	int fl, r;
-	struct stat sb;
 
 	if (!s) {
 		*err = -ENOMEM;
@@ -270,12 +295,9 @@ static uf_store *file_store(int fd, int meta_fd, uint64_t max_bytes, int *err)
 	s->kind = UF_STORE_FILE;
 	s->users = 1;
 	s->fd = fd;
-	s->mfd = meta_fd >= 0 ? meta_fd : memfd_create("uffdio-swap-file-refs", MFD_CLOEXEC);
-	if (s->mfd < 0 || (meta_fd < 0 && ftruncate(s->mfd, (off_t)FMETA_SIZE) < 0) ||
-	    fstat(s->mfd, &sb) < 0 || (uint64_t)sb.st_size != FMETA_SIZE || fmeta_map(s) < 0) {
-		*err = s->mfd < 0 ? -errno : -EINVAL;
-		if (s->mfd >= 0 && meta_fd < 0)
-			close(s->mfd);
+	s->mfd = meta_fd;
+	if (fmeta_map(s) < 0) {
+		*err = -errno;
 		free(s);
 		return NULL;
 	}
@@ -1176,9 +1198,9 @@ static int ent_put(uf_pt *pt, uint64_t addr, uint64_t v)
 
 static int pt_map(uf_pt *pt)
 {
-	void *m = mmap(NULL, PT_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, pt->tfd, 0);
+	void *m = shm_map(&pt->tfd, "uffdio-page-table", PT_SIZE);
 
-	if (m == MAP_FAILED)
+	if (!m)
 		return -1;
 	pt->tmap = m;
 	pt->th = m;
@@ -1209,11 +1231,9 @@ uf_pt *uf_pt_new(uf_store *store, int *err)
 		*err = -ENOMEM;
 		return NULL;
 	}
-	pt->tfd = memfd_create("uffdio-page-table", MFD_CLOEXEC);
-	if (pt->tfd < 0 || ftruncate(pt->tfd, (off_t)PT_SIZE) < 0 || pt_map(pt) < 0) {
+	pt->tfd = -1;
+	if (pt_map(pt) < 0) {
 		*err = -errno;
-		if (pt->tfd >= 0)
-			close(pt->tfd);
 		free(pt);
 		return NULL;
 	}
@@ -2922,7 +2942,6 @@ void uf_pt_abandon(uf_pt *pt)
 uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
 {
 	uf_pt *pt = calloc(1, sizeof(*pt));
-	struct stat sb;
 	uint64_t i, j, n;
 
 	if (!pt) {
@@ -2930,11 +2949,6 @@ uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err)
 		return NULL;
 	}
 	pt->tfd = fd;
-	if (fstat(fd, &sb) < 0 || (uint64_t)sb.st_size != PT_SIZE) {
-		free(pt);
-		*err = -EINVAL;
-		return NULL;
-	}
 	if (pt_map(pt) < 0) {
 		*err = -errno;
 		free(pt);
