@@ -189,35 +189,11 @@ static int mem_map(uf_store *s)
 	return 0;
 }
 
-uf_store *uf_store_memory(int accel, int *err)
-{
-	uf_store *s = calloc(1, sizeof(*s));
-
-	if (!s) {
-		*err = -ENOMEM;
-		return NULL;
-	}
-	s->kind = UF_STORE_MEMORY;
-	s->mfd = -1;
-	s->users = 1;
-	s->accel = accel > 0 ? accel : 1;
-	s->fd = -1;
-	if (mem_map(s) < 0) {
-		*err = -errno;
-		free(s);
-		return NULL;
-	}
-	s->head->magic = MEM_MAGIC;
-	s->head->version = 1;
-	pthread_mutex_init(&s->lock, NULL);
-	*err = 0;
-	return s;
-}
-
-/* Take over the memory store of a manager that died (fd: its memfd, which the store
- * owns if it is returned).  Blobs keep their reference counts; space freed before the takeover is
- * not reused (the free lists died with the manager) until the store is empty again. */
-uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
+/* A memory store in a new memfd (fd < 0), or the one of a manager that died (fd: its memfd,
+ * which the store owns if it is returned).  An adopted store's blobs keep their reference
+ * counts; space freed before the takeover is not reused (the free lists died with the
+ * manager) until the store is empty again. */
+static uf_store *memory_store(int fd, int accel, int *err)
 {
 	uf_store *s = calloc(1, sizeof(*s));
 
@@ -235,19 +211,26 @@ uf_store *uf_store_memory_adopt(int fd, int accel, int *err)
 		free(s);
 		return NULL;
 	}
-	if (s->head->magic != MEM_MAGIC || s->head->version != 1 ||
-	    s->head->nchunks >= MEM_RESERVE / BLOB_CHUNK) {
+	if (fd < 0) {
+		s->head->magic = MEM_MAGIC;
+		s->head->version = 1;
+	} else if (s->head->magic != MEM_MAGIC || s->head->version != 1 ||
+		   s->head->nchunks >= MEM_RESERVE / BLOB_CHUNK) {
 		munmap(s->base, MEM_RESERVE);
 		free(s);
 		*err = -EBADMSG;
 		return NULL;
+	} else {
+		s->nchunks = s->head->nchunks;
+		s->adopted = 1;
 	}
-	s->nchunks = s->head->nchunks;
-	s->adopted = 1;
 	pthread_mutex_init(&s->lock, NULL);
 	*err = 0;
 	return s;
 }
+
+uf_store *uf_store_memory(int accel, int *err) { return memory_store(-1, accel, err); }
+uf_store *uf_store_memory_adopt(int fd, int accel, int *err) { return memory_store(fd, accel, err); }
 
 /* The descriptor to hand to agents so that the store outlives us (-1: none can). */
 int uf_store_fd(uf_store *s)
