@@ -602,10 +602,18 @@ static void move_run(uint64_t src, uint64_t dst, uint64_t len, uint64_t *out, ui
 		}
 		if (rc == 0)
 			break;
-		if (rc == -EAGAIN && tries++ < 10000) { /* events pending: the manager drains them */
+		/* EAGAIN without progress: an event of the program is pending.  The manager
+		 * reads no event while it waits for this MOVE (so that no mapping can change
+		 * under it): retrying long is futile - the rest stays resident, and the
+		 * event is read as soon as we answer. */
+		if (rc == -EAGAIN && (moved || tries++ < 3)) {
 			if (!moved)
 				sched_yield();
 			continue;
+		}
+		if (rc == -EAGAIN) {
+			*skipped += (int64_t)((len - off) / PAGE);
+			return;
 		}
 		if (off < len) { /* refused: this page stays resident */
 			off += PAGE;

@@ -58,6 +58,7 @@
 #include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <time.h>
 
 #include <liburing.h>
 
@@ -76,7 +77,7 @@ int uf_zeropage_all_counted(int fd, uint64_t start, uint64_t len, uint64_t mode,
 #define UD_KIND(ud) ((unsigned)((ud) >> 56))
 #define UD_IDX(ud) ((ud) & ((1ULL << 56) - 1))
 
-enum { UD_READ = 1, UD_FILE = 2, UD_TIMER = 3, UD_STOP = 4, UD_CANCEL = 5, UD_KICK = 6 };
+enum { UD_READ = 1, UD_FILE = 2, UD_TIMER = 3, UD_STOP = 4, UD_CANCEL = 5, UD_KICK = 6, UD_HCANCEL = 7 };
 
 #define BGID 7
 #define NBUFS 16              /* provided buffers for the multishot read */
@@ -142,6 +143,10 @@ struct uf_engine {
 	size_t nheld, capheld;
 	int kick_fd, kick_armed;
 	uint64_t kick_buf;
+	/* uf_engine_hold: no read of the uffd while hold_want (see there) */
+	pthread_mutex_t hold_lock;
+	pthread_cond_t hold_cv;
+	int hold_want, hold_on, hold_cancel_sent;
 	int timer_armed;
 	struct __kernel_timespec retry_ts;
 
@@ -652,7 +657,8 @@ static int arm_read(uf_engine *e)
 {
 	struct io_uring_sqe *sqe;
 
-	if (e->read_armed || e->stopping || e->read_failed)
+	if (e->read_armed || e->stopping || e->read_failed ||
+	    __atomic_load_n(&e->hold_want, __ATOMIC_ACQUIRE))
 		return 0;
 	sqe = get_sqe(e);
 	if (!sqe)
@@ -1062,6 +1068,8 @@ static void begin_stop(uf_engine *e)
 	}
 }
 
+static void hold_step(uf_engine *e);
+
 static void process_cqes(uf_engine *e)
 {
 	struct io_uring_cqe *cqe;
@@ -1086,6 +1094,7 @@ static void process_cqes(uf_engine *e)
 			begin_stop(e);
 			break;
 		case UD_CANCEL:
+		case UD_HCANCEL:
 			e->inflight--;
 			break;
 		case UD_KICK:
@@ -1110,9 +1119,95 @@ static void process_cqes(uf_engine *e)
 		if (e->ndeferred)
 			arm_timer(e);
 	}
+	hold_step(e);
 	__atomic_store_n(&e->st.deferred_now, e->ndeferred, __ATOMIC_RELAXED);
 	__atomic_store_n(&e->st.held_now, e->nheld, __ATOMIC_RELAXED);
 	__atomic_store_n(&e->st.inflight, e->inflight, __ATOMIC_RELAXED);
+}
+
+/* ---- holding reads (uf_engine_hold) -------------------------------------------------- */
+
+/* Called after every round of completions: take the hold (cancel the read, then say so
+ * once it has ended - every message read before is processed by then) or let it go
+ * (arm the read again). */
+static void hold_step(uf_engine *e)
+{
+	int want = __atomic_load_n(&e->hold_want, __ATOMIC_ACQUIRE);
+
+	if (want && e->read_armed && !e->hold_cancel_sent) {
+		struct io_uring_sqe *sqe = get_sqe(e);
+		if (sqe) {
+			io_uring_prep_cancel64(sqe, UD(UD_READ, 0), 0);
+			io_uring_sqe_set_data64(sqe, UD(UD_HCANCEL, 0));
+			e->inflight++;
+			e->hold_cancel_sent = 1;
+		}
+	}
+	if (want && (!e->read_armed || e->stopping) && !e->hold_on) {
+		pthread_mutex_lock(&e->hold_lock);
+		e->hold_on = 1;
+		pthread_cond_broadcast(&e->hold_cv);
+		pthread_mutex_unlock(&e->hold_lock);
+	}
+	if (!want && e->hold_on) {
+		pthread_mutex_lock(&e->hold_lock);
+		e->hold_on = 0;
+		pthread_mutex_unlock(&e->hold_lock);
+	}
+	if (!e->read_armed)
+		e->hold_cancel_sent = 0;
+	if (!want)
+		arm_read(e);
+}
+
+/* Stop reading the uffd (on = 1) until it is let go (on = 0).  Returns once no read is
+ * armed and every message read so far has been processed (its events applied to the
+ * page table), 0; -ESRCH if the engine stopped, -ETIMEDOUT after timeout_ms, -EINVAL
+ * without the engine's thread.
+ *
+ * What it is for: the kernel lets a thread that unmaps (or remaps, or discards) a
+ * registered range go on only once its event has been read, and until then every
+ * UFFDIO_MOVE on the uffd fails with EAGAIN.  So while no read is armed, no registered
+ * mapping can be replaced under a MOVE: an eviction computes what to move after the
+ * hold is taken (every event before it applied) and moves under it, and a page it
+ * moves is the page its table describes, never one of a mapping made meanwhile.
+ * Faults of the process wait while the hold lasts (they are read after it). */
+int uf_engine_hold(uf_engine *e, int on, int timeout_ms)
+{
+	struct timespec dl;
+	int rc = 0;
+
+	if (!e->thread_mode)
+		return -EINVAL;
+	if (!on) {
+		__atomic_store_n(&e->hold_want, 0, __ATOMIC_RELEASE);
+		uf_engine_kick(e);
+		return 0;
+	}
+	__atomic_store_n(&e->hold_want, 1, __ATOMIC_RELEASE);
+	uf_engine_kick(e);
+	clock_gettime(CLOCK_REALTIME, &dl);
+	dl.tv_sec += timeout_ms / 1000;
+	dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
+	if (dl.tv_nsec >= 1000000000L) {
+		dl.tv_sec++;
+		dl.tv_nsec -= 1000000000L;
+	}
+	pthread_mutex_lock(&e->hold_lock);
+	while (!e->hold_on && rc == 0 && !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE))
+		rc = pthread_cond_timedwait(&e->hold_cv, &e->hold_lock, &dl);
+	if (e->hold_on && !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE))
+		rc = 0;
+	else if (rc == 0)
+		rc = -ESRCH;
+	else
+		rc = -rc;
+	pthread_mutex_unlock(&e->hold_lock);
+	if (rc) {
+		__atomic_store_n(&e->hold_want, 0, __ATOMIC_RELEASE);
+		uf_engine_kick(e);
+	}
+	return rc;
 }
 
 static void notify_python(uf_engine *e)
@@ -1161,6 +1256,8 @@ uf_engine *uf_engine_new(int uffd, unsigned int entries, unsigned int flags, int
 	e->stop_fd = e->notify_fd = e->kick_fd = -1;
 	pthread_mutex_init(&e->rules_lock, NULL);
 	pthread_mutex_init(&e->q_lock, NULL);
+	pthread_mutex_init(&e->hold_lock, NULL);
+	pthread_cond_init(&e->hold_cv, NULL);
 	rc = io_uring_queue_init(entries ? entries : 256, &e->ring, 0);
 	if (rc < 0)
 		goto fail;
@@ -1344,6 +1441,8 @@ void uf_engine_free(uf_engine *e)
 		close(e->kick_fd);
 	pthread_mutex_destroy(&e->rules_lock);
 	pthread_mutex_destroy(&e->q_lock);
+	pthread_mutex_destroy(&e->hold_lock);
+	pthread_cond_destroy(&e->hold_cv);
 	free(e);
 }
 

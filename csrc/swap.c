@@ -992,6 +992,8 @@ struct uf_pt {
 	size_t nruns, capruns;
 	struct remap *log;
 	size_t nlog, caplog;
+	uint64_t *trip; /* (src, dst, len) as handed to the agent's MOVE */
+	size_t ntrip, captrip;
 	uf_pt **kids; /* forked while the batch was in flight */
 	size_t nkids;
 	/* an external store's batch between collect and commit */
@@ -1253,6 +1255,7 @@ void uf_pt_unref(uf_pt *pt)
 	free(pt->kids);
 	free(pt->tab);
 	free(pt->runs);
+	free(pt->trip);
 	free(pt->log);
 	free(pt->pend_moved);
 	free(pt->pend_read);
@@ -1618,14 +1621,19 @@ out:
 	return rc < 0 ? rc : (int64_t)nr;
 }
 
-/* Where the page that was at addr when the batch began is now. */
+/* Where the page that was at addr when the batch began is now: the remaps since,
+ * in order; 0 when one of them unmapped it (it sat where a remap put another range). */
 static uint64_t translate(const uf_pt *pt, uint64_t addr)
 {
 	size_t i;
 
-	for (i = 0; i < pt->nlog; i++)
-		if (addr >= pt->log[i].from && addr < pt->log[i].from + pt->log[i].len)
-			addr = addr - pt->log[i].from + pt->log[i].to;
+	for (i = 0; i < pt->nlog; i++) {
+		const struct remap *r = &pt->log[i];
+		if (addr >= r->from && addr < r->from + r->len)
+			addr = addr - r->from + r->to;
+		else if (addr >= r->to && addr < r->to + r->len)
+			return 0;
+	}
 	return addr;
 }
 
@@ -1695,14 +1703,13 @@ static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *
 {
 	uint64_t *e = ent_at(pt, translate(pt, addr), 0), v;
 
+	/* Not TRANSIT any more: an event after the MOVE replaced the mapping (a remap onto
+	 * it); what we took belonged to the mapping that is gone - it is dropped.  (The
+	 * page we took was the one the table described: the MOVE ran under a hold, see
+	 * uf_pt_batch_triples.) */
 	if (!e || E_STATE(*e) != UF_PG_TRANSIT) {
-		/* not ours any more (unmapped and mapped again in the meantime): a page we
-		 * took from there goes back where it was taken */
-		if (own && data && out != OUT_RESTORE && pt->uffd >= 0) {
-			uint64_t done = 0;
-			uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
-			res->returned++;
-		}
+		if (own && out != OUT_RESTORE)
+			res->dropped++;
 		return;
 	}
 	v = *e;
@@ -2570,26 +2577,57 @@ int64_t uf_pt_fill_all(uf_pt *pt)
 
 /* The agent's MOVE request for the batch begun last: (src, scratch + offset, len)
  * triples.  Returns the number of triples. */
+/* What the agent moves, as (src, dst, len) triples into `scratch` (a batch page goes
+ * to scratch + its index): each page of the batch at its address now (remaps since
+ * begin followed), leaving out the pages that are not TRANSIT there any more or were
+ * dropped (unmapped, discarded) - whatever sits at such an address now is not ours.
+ *
+ * Call it under uf_engine_hold and let the hold go only after the MOVE: with every
+ * event read so far applied and none read until then, the kernel cannot replace a
+ * mapping under the MOVE (an unmap or remap waits for its event to be read, and the
+ * MOVE fails with EAGAIN meanwhile), so every page moved is the page the table
+ * describes.  Without the hold, a program that unmapped such a page and mapped new
+ * memory at its address (glibc's malloc does, with raw syscalls nobody registers)
+ * would have the new page's data moved out and dropped with the old one.
+ * Returns the number of triples, or -E2BIG when max is too small. */
 int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t max)
 {
-	size_t i;
-	uint64_t off = 0;
+	size_t n = 0;
 
 	pthread_mutex_lock(&pt->lock);
-	if (pt->nruns > max) {
-		pthread_mutex_unlock(&pt->lock);
-		return -E2BIG;
+	FOR_BATCH_PAGES(pt, idx, addr) {
+		uint64_t a = translate(pt, addr), v = a ? ent_get(pt, a) : 0, dst = scratch + idx * PG;
+		if (E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
+			continue;
+		if (n && out[3 * (n - 1)] + out[3 * (n - 1) + 2] == a &&
+		    out[3 * (n - 1) + 1] + out[3 * (n - 1) + 2] == dst) {
+			out[3 * (n - 1) + 2] += PG;
+			continue;
+		}
+		if (n == max) {
+			pthread_mutex_unlock(&pt->lock);
+			return -E2BIG;
+		}
+		out[3 * n] = a;
+		out[3 * n + 1] = dst;
+		out[3 * n + 2] = PG;
+		n++;
 	}
-	for (i = 0; i < pt->nruns; i++) {
-		out[3 * i] = pt->runs[2 * i];
-		out[3 * i + 1] = scratch + off;
-		out[3 * i + 2] = pt->runs[2 * i + 1];
-		off += pt->runs[2 * i + 1];
+	if (pt->captrip < n) {
+		uint64_t *t = realloc(pt->trip, n * 3 * sizeof(uint64_t));
+		if (!t) {
+			pthread_mutex_unlock(&pt->lock);
+			return -ENOMEM;
+		}
+		pt->trip = t;
+		pt->captrip = n;
 	}
+	memcpy(pt->trip, out, n * 3 * sizeof(uint64_t));
+	pt->ntrip = n;
 	if (pt->batch)
 		__atomic_store_n(&pt->th->scratch, scratch, __ATOMIC_RELEASE); /* before the MOVE */
 	pthread_mutex_unlock(&pt->lock);
-	return (int64_t)i;
+	return (int64_t)n;
 }
 
 struct rjob {
@@ -2674,22 +2712,48 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 	*scratch_used = 0;
 	if (!mo)
 		return -ENOMEM;
-	/* moved source ranges -> batch offsets (runs are in address order) */
-	pthread_mutex_lock(&pt->lock);
-	for (i = 0; i < nmoved; i++) {
-		uint64_t a = moved[2 * i], off = 0;
-		for (k = 0; k < pt->nruns; k++) {
-			if (a >= pt->runs[2 * k] && a < pt->runs[2 * k] + pt->runs[2 * k + 1])
-				break;
-			off += pt->runs[2 * k + 1];
+	/* moved source ranges -> batch offsets, through the triples of the MOVE (the agent
+	 * joins ranges that touch at the source: one may span several triples) */
+	{
+		size_t nmo = 0, capmo = nmoved ? nmoved : 1;
+		pthread_mutex_lock(&pt->lock);
+		for (i = 0; i < nmoved; i++) {
+			uint64_t a = moved[2 * i], end = a + moved[2 * i + 1];
+			for (k = 0; k < pt->ntrip; k++) {
+				uint64_t s0 = pt->trip[3 * k], s1 = s0 + pt->trip[3 * k + 2];
+				uint64_t lo = a > s0 ? a : s0, hi = end < s1 ? end : s1;
+				if (lo >= hi)
+					continue;
+				if (nmo == capmo) {
+					uint64_t *m2 = realloc(mo, capmo * 2 * 2 * sizeof(uint64_t));
+					if (!m2) {
+						pthread_mutex_unlock(&pt->lock);
+						free(mo);
+						return -ENOMEM;
+					}
+					mo = m2;
+					capmo *= 2;
+				}
+				mo[2 * nmo] = pt->trip[3 * k + 1] - scratch + (lo - s0);
+				mo[2 * nmo + 1] = hi - lo;
+				nmo++;
+			}
 		}
-		mo[2 * i] = k < pt->nruns ? off + (a - pt->runs[2 * k]) : UINT64_MAX;
-		mo[2 * i + 1] = moved[2 * i + 1];
+		pthread_mutex_unlock(&pt->lock);
+		nmoved = nmo;
+		qsort(mo, nmoved, 2 * sizeof(uint64_t), cmp_pair);
+		/* join neighbours (the pairs are looked up by binary search) */
+		for (i = 0, k = 0; i < nmoved; i++) {
+			if (k && mo[2 * (k - 1)] + mo[2 * (k - 1) + 1] == mo[2 * i]) {
+				mo[2 * (k - 1) + 1] += mo[2 * i + 1];
+				continue;
+			}
+			mo[2 * k] = mo[2 * i];
+			mo[2 * k + 1] = mo[2 * i + 1];
+			k++;
+		}
+		nmoved = k;
 	}
-	pthread_mutex_unlock(&pt->lock);
-	qsort(mo, nmoved, 2 * sizeof(uint64_t), cmp_pair);
-	while (nmoved && mo[2 * (nmoved - 1)] == UINT64_MAX)
-		nmoved--;
 	for (i = 0; i < nmoved; i++)
 		if (mo[2 * i] + mo[2 * i + 1] > used)
 			used = mo[2 * i] + mo[2 * i + 1];
@@ -2906,6 +2970,7 @@ static void pt_abandon(uf_pt *pt, int close_fd)
 		close(pt->tfd);
 	free(pt->tab);
 	free(pt->runs);
+	free(pt->trip);
 	free(pt->log);
 	uf_store_free(pt->store);
 	pthread_mutex_destroy(&pt->lock);

@@ -218,6 +218,7 @@ int64_t uf_pt_scan(uf_pt *pt, int pagemap_fd, const uint64_t *regions, size_t nr
 int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget);
 uf_pt *uf_engine_pt(uf_engine *e);
 void uf_engine_kick(uf_engine *e);
+int uf_engine_hold(uf_engine *e, int on, int timeout_ms);
 
 /* ---- ptrace: system calls run inside a process that did not cooperate (inject.c) ---- */
 struct uf_syscall {

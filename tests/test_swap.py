@@ -3,6 +3,7 @@ limit, and `uffdio run --limit`.  Real processes, real uffds, every byte checked
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
@@ -282,7 +283,12 @@ def _managed_rss(pid: int) -> int | None:
 
 
 def run_limited(
-    swaptest: str, tmp_path: Path, args: list[str], *opts: str, timeout: float = 240
+    swaptest: str,
+    tmp_path: Path,
+    args: list[str],
+    *opts: str,
+    timeout: float = 240,
+    env: dict[str, str] | None = None,
 ) -> tuple[dict, list[int], str]:
     """`uffdio run` with options around swaptest; samples the target's managed RSS from
     smaps every 20 ms while it runs.  Returns (stats, samples, stderr)."""
@@ -303,6 +309,7 @@ def run_limited(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        env=None if env is None else {**os.environ, **env},
     )
     samples: list[int] = []
     stop = threading.Event()
@@ -388,6 +395,58 @@ def test_run_limit_with_fork_munmap_mremap_madvise(
         swaptest, tmp_path, ["32", "rand", "8000", "2", "20", events], "--limit", "8M"
     )
     assert stats["pages_evicted"] > 0 and stats["pages_swapped_in"] > 0
+
+
+def test_new_mapping_at_an_evicted_address_keeps_its_data(swaptest: str, tmp_path: Path) -> None:
+    """A thread unmaps an area and maps new memory at the same address with raw syscalls
+    (as glibc's malloc does with big blocks: nobody registers the new mapping), fills and
+    checks it, again and again, while the manager evicts.  A page of the old mapping in an
+    eviction batch must never take the new mapping's data with it: the MOVE runs under a
+    hold of the fault engine (no event is read, so no mapping can change under it) and
+    moves only what the table still describes.  Before that hold, the first page of the
+    new mapping read zeros within a few dozen rounds, every run."""
+    stats, _, _ = run_limited(
+        swaptest,
+        tmp_path,
+        ["32", "rand", "40000", "2", "20"],
+        "--limit",
+        "8M",
+        env={"SWAPTEST_CHURN": "256"},
+    )
+    assert stats["pages_evicted"] > 0
+
+
+async def test_plain_eviction_of_an_address_mapped_anew(swaptest: str) -> None:
+    """The same, for Manager.evict without userspace swap (the engine's rules): an
+    unmapped range's HOLD rule is gone by the time the MOVE is decided, so the new
+    mapping there is left alone."""
+    async with Manager() as m:
+        sp = m.spawn(
+            [swaptest, "8", "rand", "25000", "2", "20"],
+            env={"SWAPTEST_CHURN": "256"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        proc = await sp.process()
+        rounds = 0
+        codes: list[int] = []
+
+        async def wait() -> None:
+            codes.append(await sp.wait())
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(wait)
+                while not codes:
+                    with contextlib.suppress(uffdio.UffdProcessGone):
+                        await proc.scan()
+                        await proc.evict()
+                    rounds += 1
+                    await anyio.sleep(0.003)
+        rc = codes[0]
+        out, err = sp.popen.communicate()
+        assert rc == 0, (out, err)
+        assert rounds > 10 and proc.stats["pages_evicted"] > 0
 
 
 def test_file_store_that_fills_up(swaptest: str, tmp_path: Path) -> None:

@@ -187,6 +187,9 @@ class ManagedProcess:
         self.manager = manager
         self.pid = pid
         self.ppid = ppid
+        #: set once the agent was sent its WELCOME: it drops whatever comes before (the
+        #: handshake), so request() waits for this
+        self._welcomed = anyio.Event()
         self.uffd: Userfaultfd | None = None
         self.features = Feature(0)
         self.event_fork = False
@@ -252,6 +255,13 @@ class ManagedProcess:
     ) -> P.Msg:
         if self.exited:
             raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} exited")
+        if not self._welcomed.is_set():
+            # (Manager.wait_process returns before the agent's handshake is over: a
+            # request sent then would be dropped by the agent and never answered)
+            with anyio.fail_after(timeout):
+                await self._welcomed.wait()
+            if self.exited:
+                raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} exited")
         self._seq += 1
         seq = self._seq
         ev = anyio.Event()
@@ -440,24 +450,21 @@ class ManagedProcess:
             pos += n
         self._write_snapshot(scratch_runs=placed)
         try:
-            moved_words, skipped = await self._op_move(
-                [w for s, n, p in placed for w in (s, self.scratch + p, n)]
-            )
+            moved_words, skipped, trips = await self._move_held(e, buf, nbytes, len(placed))
             self.stats["pages_skipped"] += skipped
         except BaseException:
             # nothing was moved, or we do not know: pages still in the scratch area are
             # found there by the recovery snapshot; drop the holds that moved nothing
             self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
             raise
-        # moved pieces, as (offset in batch, length), in address order of the runs
+        # moved pieces, as (offset in batch, length), through the triples of the MOVE
         filled: list[tuple[int, int]] = []
-        starts = [p[0] for p in placed]
-        import bisect
-
         for s, n in _addr_ranges(moved_words):
-            i = bisect.bisect_right(starts, s) - 1
-            src, ln, boff = placed[i]
-            filled.append((boff + (s - src), n))
+            for src, dst, ln in trips:
+                lo, hi = max(s, src), min(s + n, src + ln)
+                if lo < hi:
+                    filled.append((dst - self.scratch + (lo - src), hi - lo))
+        filled.sort()
         if filled:
             # Read only the scratch pages that are present: a hole there was a hole in the
             # source (never touched: zeros, which the fresh store extent already holds), and
@@ -481,6 +488,40 @@ class ManagedProcess:
         self.stats["evictions"] += 1
         self.stats["pages_evicted"] += pages
         return pages
+
+    async def _move_held(
+        self, e: CData, buf: int, nbytes: int, nplaced: int
+    ) -> tuple[Sequence[int], int, list[tuple[int, int, int]]]:
+        """The agent's MOVE of this batch's HOLD rules, under a hold of the engine
+        (uf_engine_hold: no event is read meanwhile, so no mapping can be replaced under
+        the MOVE).  What to move is read from the rules once the hold is taken: an
+        unmap or discard before it removed its pages' rule, a remap moved it - whatever
+        the program mapped at an old address since is not ours and is not touched.
+        Returns (moved pairs, skipped pages, the (src, dst, len) triples moved)."""
+        from .swap import HOLD_TIMEOUT_MS
+
+        rc = await anyio.to_thread.run_sync(lib.uf_engine_hold, e, 1, HOLD_TIMEOUT_MS)
+        if rc < 0:
+            raise error_for(-rc, "evict: holding the fault engine", f"pid {self.pid}")
+        try:
+            cap = 4 * (nplaced + 64)
+            quads = ffi.new("uint64_t[]", 4 * cap)
+            n = lib.uf_rules_list(e, C.RULE_HOLD, quads, cap)
+            trips = [
+                (
+                    int(quads[4 * i]),
+                    self.scratch + int(quads[4 * i + 3]) - buf,
+                    int(quads[4 * i + 1] - quads[4 * i]),
+                )
+                for i in range(n)
+                if buf <= quads[4 * i + 3] < buf + nbytes
+            ]
+            if not trips:
+                return [], 0, []
+            moved, skipped = await self._op_move([w for t in trips for w in t])
+            return moved, skipped, trips
+        finally:
+            lib.uf_engine_hold(e, 0, 0)
 
     def _settle(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> int:
         flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
@@ -1048,6 +1089,7 @@ class Manager:
             proc.unmanaged_reason = _unmanaged_reason(-h.c)
             log.warning("pid %d runs unmanaged: %s", pid, proc.unmanaged_reason)
             await P.send(conn, P.pack(P.M_WELCOME))
+            proc._welcomed.set()
             self._add(proc)
             return None
         proc.features = Feature(h.c)
@@ -1056,6 +1098,7 @@ class Manager:
             if orphan is None:
                 proc.unmanaged_reason = "its uffd from the fork event could not be matched"
                 await P.send(conn, P.pack(P.M_WELCOME, a=-errno.ESRCH))
+                proc._welcomed.set()
                 self._add(proc)
                 return None
             proc.uffd = orphan.uffd
@@ -1069,6 +1112,7 @@ class Manager:
         else:
             proc.unmanaged_reason = "the agent sent no uffd"
             await P.send(conn, P.pack(P.M_WELCOME, a=-errno.EBADF))
+            proc._welcomed.set()
             self._add(proc)
             return None
         if h.flags & P.AF_RECONNECT:
@@ -1231,6 +1275,7 @@ class Manager:
                     tg.start_soon(self._watch_exit, proc, pidfd, tg)
                 try:
                     await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
+                    proc._welcomed.set()
                     if proc.uid == os.geteuid():
                         # (a store holds every process's pages: never in another user's)
                         await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
@@ -1260,6 +1305,7 @@ class Manager:
                 await proc._gone.wait()
                 tg.cancel_scope.cancel()
         finally:
+            proc._welcomed.set()  # (whatever happened: nobody waits for it forever)
             if pidfd >= 0:
                 os.close(pidfd)
 
@@ -1280,6 +1326,7 @@ class Manager:
         conn = proc._sock
         with contextlib.suppress(OSError):
             await P.send(conn, P.pack(P.M_WELCOME))
+            proc._welcomed.set()
             while (msg := await P.recv(conn)) is not None:
                 if msg.fd >= 0:
                     os.close(msg.fd)

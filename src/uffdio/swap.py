@@ -46,6 +46,7 @@ import mmap
 import os
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -282,6 +283,9 @@ MAX_VICTIM_RUNS = 1 << 16
 #: runs per batch: the MOVE request (3 words a run) and its reply must fit one agent
 #: message (UF_AGENT_MAXWORDS = 8192 words)
 MAX_BATCH_RUNS = 2048
+#: how long an eviction waits for the fault engine to stop reading (it answers in
+#: microseconds; a stopped engine answers at once)
+HOLD_TIMEOUT_MS = 5000
 #: pages in the first batch of an evict() call (the next ones double, up to half the scratch
 #: area)
 FIRST_BATCH = 256
@@ -825,8 +829,6 @@ class Swap:
             shift = last_end - int(cand[2 * nxt])
             cand[2 * nxt] = last_end
             cand[2 * nxt + 1] -= shift
-        triples = array.array("Q", bytes(24 * nr))
-        lib.uf_pt_batch_triples(p.pt, scratch, ffi.from_buffer("uint64_t[]", triples), nr)
         buf = int(ffi.cast("uintptr_t", ffi.from_buffer(p.staging)))
         res = ffi.new("struct uf_commit *")
         empty = ffi.new("uint64_t[2]")
@@ -834,13 +836,12 @@ class Swap:
         # reply would not stop the agent from moving the pages, and pages moved out
         # behind the table's back would read as zeros.
         with anyio.CancelScope(shield=True):
-            done = await self._batch_finish(p, triples, buf, res, empty, nxt, scratch)
+            done = await self._batch_finish(p, buf, res, empty, nxt, scratch)
         return done
 
     async def _batch_finish(
         self,
         p: _Proc,
-        triples: array.array[int],
         buf: int,
         res: CData,
         empty: CData,
@@ -854,13 +855,12 @@ class Swap:
             # sit where this batch moves to (no halves) or the agent cannot (protocol 1):
             # then first, on their own
             zap = p.zap
-            if zap is not None and (
-                not proc.zap_with_move or _overlap(zap, (scratch, sum(triples[2::3])))
-            ):
+            span = len(p.staging) if p.staging is not None else 0
+            if zap is not None and (not proc.zap_with_move or _overlap(zap, (scratch, span))):
                 await self._zap(p)
                 zap = None
             t0 = time.perf_counter()
-            moved_words, skipped = await proc._op_move(triples, zap)
+            moved_words, skipped = await self._move_held(p, scratch, zap)
             p.zap = None
         except BaseException:
             # nothing was moved (or the process is gone): every page goes back to its state
@@ -910,6 +910,34 @@ class Swap:
             self._error(msg)
             raise StoreFull(res.put_error, int(res.evicted))
         return int(res.evicted), nxt
+
+    async def _move_held(
+        self, p: _Proc, scratch: int, zap: tuple[int, int] | None
+    ) -> tuple[Sequence[int], int]:
+        """The agent's MOVE of the batch, under a hold of the process's engine: no
+        event is read meanwhile, so no mapping can be replaced under the MOVE (see
+        uf_engine_hold, uf_pt_batch_triples); what to move is decided once the hold is
+        taken, from a table with every earlier event applied."""
+        proc = p.proc
+        assert proc.uffd is not None
+        e = proc.uffd._engine_handle()
+        cap = proc.scratch_len // PAGE
+        out = array.array("Q", bytes(24 * cap))
+        rc = await anyio.to_thread.run_sync(lib.uf_engine_hold, e, 1, HOLD_TIMEOUT_MS)
+        if rc < 0:
+            raise error_for(-rc, "evict: holding the fault engine", f"pid {proc.pid}")
+        try:
+            n = check(
+                lib.uf_pt_batch_triples(p.pt, scratch, ffi.from_buffer("uint64_t[]", out), cap),
+                "evict: what to move",
+            )
+            if n == 0:
+                if zap is not None:
+                    await self._zap(p)
+                return [], 0
+            return await proc._op_move(out[: 3 * n], zap)
+        finally:
+            lib.uf_engine_hold(e, 0, 0)
 
     async def _put_external(self, p: _Proc, buf: int, res: CData) -> None:
         assert isinstance(self.store, PyStore)

@@ -16,6 +16,10 @@
  *   r = mremap the buffer to a new address, d = madvise(DONTNEED) a slice (must read
  *   zeros), all after the other threads stopped for the event.
  * SWAPTEST_PAUSE_MS=N: sleep N ms after the fill, before the threads start.
+ * SWAPTEST_CHURN=N: one more thread, while the others run, unmaps an N-page area and maps
+ *   a new one at the same address with raw syscalls (as glibc's malloc does for big blocks:
+ *   nobody registers the new mapping), fills it, and checks it - again and again.  A page
+ *   of the old mapping that was being evicted must never take the new one's data with it.
  * Prints "ok checked=N" and exits 0, or prints the first mismatch and exits 1.
  */
 #define _GNU_SOURCE
@@ -26,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -161,6 +166,56 @@ static void *worker(void *arg)
 
 static struct thr *threads;
 
+static volatile int churn_stop;
+static unsigned long churn_rounds;
+
+static void *churner(void *arg)
+{
+	size_t n = (size_t)arg, len = n * PAGE;
+	uint64_t gen = 1;
+	/* raw syscalls: the agent's mmap() wrapper does not see these mappings */
+	char *a = (char *)syscall(SYS_mmap, NULL, len, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+	if (a == MAP_FAILED) {
+		perror("churn mmap");
+		_exit(2);
+	}
+	madvise(a, len, MADV_NOHUGEPAGE);
+	while (!churn_stop) {
+		uint64_t ver;
+		for (size_t i = 0; i < n; i++)
+			fill((uint64_t *)(a + i * PAGE), (1ULL << 40) + i, gen);
+		/* let eviction find them: a few ms, then every page must be as written */
+		usleep(1000 + (unsigned)(mix(gen) % 8000));
+		for (size_t i = 0; i < n; i++) {
+			int r = verify((const uint64_t *)(a + i * PAGE), (1ULL << 40) + i, &ver);
+			if (r || ver != gen) {
+				fprintf(stderr, "churn round %lu gen %lu page %zu of %zu\n", churn_rounds,
+					(unsigned long)gen, i, n);
+				fail("churn", (1ULL << 40) + i, r ? r : -4, (const uint64_t *)(a + i * PAGE));
+			}
+		}
+		if (syscall(SYS_munmap, a, len)) {
+			perror("churn munmap");
+			_exit(2);
+		}
+		char *b = (char *)syscall(SYS_mmap, a, len, PROT_READ | PROT_WRITE,
+					  MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE, -1, 0);
+		if (b == MAP_FAILED) /* someone took the address: anywhere will do */
+			b = (char *)syscall(SYS_mmap, NULL, len, PROT_READ | PROT_WRITE,
+					    MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (b == MAP_FAILED) {
+			perror("churn mmap");
+			_exit(2);
+		}
+		a = b;
+		madvise(a, len, MADV_NOHUGEPAGE);
+		gen++;
+		churn_rounds++;
+	}
+	return NULL;
+}
+
 static void check_all(const char *what)
 {
 	for (int t = 0; t < nthreads; t++) {
@@ -284,9 +339,17 @@ int main(int argc, char **argv)
 	for (int t = 0; t < nthreads; t++) {
 		pthread_create(&tid[t], NULL, worker, &threads[t]);
 	}
+	pthread_t ctid;
+	size_t churn = getenv("SWAPTEST_CHURN") ? (size_t)atol(getenv("SWAPTEST_CHURN")) : 0;
+	if (churn)
+		pthread_create(&ctid, NULL, churner, (void *)churn);
 	for (int t = 0; t < nthreads; t++)
 		pthread_join(tid[t], NULL);
+	if (churn) {
+		churn_stop = 1;
+		pthread_join(ctid, NULL);
+	}
 	check_all("final");
-	printf("ok checked=%lu pages=%zu\n", (unsigned long)checked, live_pages);
+	printf("ok checked=%lu pages=%zu churn=%lu\n", (unsigned long)checked, live_pages, churn_rounds);
 	return 0;
 }
