@@ -1809,7 +1809,7 @@ static void finish_copybacks(uf_pt *pt)
 		int r = 0;
 
 		pthread_mutex_lock(&pt->lock);
-		if (!pt->ncb) {
+		if (!pt->ncb || pt->uffd < 0) { /* (no uffd yet: a fork child's, uf_pt_settle) */
 			pthread_mutex_unlock(&pt->lock);
 			return;
 		}
@@ -1840,6 +1840,12 @@ static void finish_copybacks(uf_pt *pt)
 		if (pt->uffd >= 0)
 			uf_wake(pt->uffd, addr, PG);
 	}
+}
+
+/* Install the copy-backs kept for this table (a fork child's, before it had a uffd). */
+void uf_pt_settle(uf_pt *pt)
+{
+	finish_copybacks(pt);
 }
 
 int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
@@ -1958,11 +1964,108 @@ int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const
 }
 
 /* Steps 2 and 3 of a commit (pt->lock held on entry, released on return). */
+/* A page whose put failed, for a table forked from this batch after its MOVE (the
+ * child's copy of the page is a hole too, its faults wait): copied into the child's
+ * uffd, or kept until the child has one (uf_pt_settle) or its events are read
+ * (EAGAIN).  Returns 1 when the page is dealt with, 0 when apply() decides (it is
+ * not TRANSIT there, or dropped).  Lock of k held. */
+static int kid_copyback(uf_pt *k, uint64_t addr, const void *data, struct uf_commit *res)
+{
+	uint64_t a = translate(k, addr), *e = a ? ent_at(k, a, 0) : NULL, done = 0;
+	int r;
+
+	if (!e || E_STATE(*e) != UF_PG_TRANSIT || (*e & E_DROPPED))
+		return 0;
+	r = k->uffd >= 0 ? uf_copy_all(k->uffd, a, (uint64_t)(uintptr_t)data, PG, UFFDIO_COPY_MODE_DONTWAKE, &done)
+			 : -EAGAIN;
+	if (r == 0 || r == -EEXIST) {
+		ent_set(k, e, E_MAKE(0, UF_PG_NONE, E_STAMP(*e)));
+		if (k->uffd >= 0)
+			uf_wake(k->uffd, a, PG);
+		return 1;
+	}
+	if (r == -EAGAIN && defer_copyback(k, a, data) == 0)
+		return 1; /* stays TRANSIT until finish_copybacks */
+	if (r != -ENOENT && r != -ESRCH)
+		res->lost_errno = r;
+	return 0;
+}
+
+/* Apply one page's outcome to every table forked while the batch was in flight - and
+ * to theirs: a fork of a fork copies the batch too (each translates the batch address
+ * with its own remaps).  copyback: the page's data when its put failed (the children
+ * get it back like the parent).  Lock of pt held. */
+static void settle_kids(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *copyback,
+			struct uf_commit *res)
+{
+	size_t i;
+
+	for (i = 0; i < pt->nkids; i++) {
+		uf_pt *k = pt->kids[i];
+		pthread_mutex_lock(&k->lock);
+		if (!copyback || !kid_copyback(k, addr, copyback, res))
+			apply(k, addr, out, slot, NULL, res, 0);
+		settle_kids(k, addr, out, slot, copyback, res);
+		pthread_mutex_unlock(&k->lock);
+	}
+}
+
+/* Close the batch in every table forked from it, children of children too, and hand
+ * them over (their references) as one list.  Lock of pt held. */
+static uf_pt **take_kids(uf_pt *pt, size_t *n)
+{
+	uf_pt **all = NULL;
+	size_t cnt = 0, cap = 0, i;
+
+	*n = 0;
+	for (i = 0; i < pt->nkids; i++) { /* a breadth-first walk: `all` grows as it goes */
+		if (cnt == cap) {
+			size_t nc = cap ? cap * 2 : 8;
+			uf_pt **a2 = realloc(all, nc * sizeof(*a2));
+			if (!a2)
+				break; /* (cannot happen in practice: those stay in pt->kids) */
+			all = a2;
+			cap = nc;
+		}
+		all[cnt++] = pt->kids[i];
+	}
+	if (i < pt->nkids) {
+		free(all);
+		return NULL;
+	}
+	pt->nkids = 0;
+	for (i = 0; i < cnt; i++) {
+		uf_pt *k = all[i];
+		size_t j;
+		pthread_mutex_lock(&k->lock);
+		k->batch = 0;
+		k->nlog = 0;
+		persist_batch(k, 0);
+		for (j = 0; j < k->nkids; j++) {
+			if (cnt == cap) {
+				size_t nc = cap * 2;
+				uf_pt **a2 = realloc(all, nc * sizeof(*a2));
+				if (!a2)
+					break;
+				all = a2;
+				cap = nc;
+			}
+			all[cnt++] = k->kids[j];
+		}
+		if (j == k->nkids)
+			k->nkids = 0;
+		pthread_mutex_unlock(&k->lock);
+	}
+	*n = cnt;
+	return all;
+}
+
 static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
 		       uint64_t buf, const uint64_t *putoff, const uint64_t *slots, size_t nput, int64_t stored,
 		       int rc, struct uf_commit *res)
 {
-	size_t i, k;
+	size_t i, k, nk = 0;
+	uf_pt **kids;
 
 	/* 2. decide every page, in this table and in children forked meanwhile */
 	k = 0;
@@ -2018,11 +2121,7 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 			res->evicted++;
 		if (own)
 			apply(pt, addr, out, slot, data, res, 1);
-		for (i = 0; i < pt->nkids; i++) {
-			pthread_mutex_lock(&pt->kids[i]->lock);
-			apply(pt->kids[i], addr, out, slot, NULL, res, 0);
-			pthread_mutex_unlock(&pt->kids[i]->lock);
-		}
+		settle_kids(pt, addr, out, slot, is_put && out == OUT_NONE ? data : NULL, res);
 	}
 	/* the new slots carry one reference from the put; apply() took one per table */
 	st_lock(pt->store);
@@ -2037,20 +2136,17 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 	pt->batch = 0;
 	pt->nlog = 0;
 	persist_batch(pt, 0);
-	for (i = 0; i < pt->nkids; i++) {
-		pthread_mutex_lock(&pt->kids[i]->lock);
-		pt->kids[i]->batch = 0;
-		pt->kids[i]->nlog = 0;
-		persist_batch(pt->kids[i], 0);
-		pthread_mutex_unlock(&pt->kids[i]->lock);
-		kick(pt->kids[i]);
-		uf_pt_unref(pt->kids[i]);
-	}
-	pt->nkids = 0;
+	kids = take_kids(pt, &nk);
 	pthread_mutex_unlock(&pt->lock);
 	if (res->failed && pt->uffd >= 0) /* wake the threads of pages copied back */
 		for (i = 0; i < pt->nruns; i++)
 			uf_wake(pt->uffd, pt->runs[2 * i], pt->runs[2 * i + 1]);
+	for (i = 0; i < nk; i++) {
+		finish_copybacks(kids[i]); /* (one without its uffd yet: uf_pt_settle, later) */
+		kick(kids[i]);
+		uf_pt_unref(kids[i]);
+	}
+	free(kids);
 	kick(pt);
 	return rc;
 }

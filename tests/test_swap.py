@@ -416,6 +416,24 @@ def test_new_mapping_at_an_evicted_address_keeps_its_data(swaptest: str, tmp_pat
     assert stats["pages_evicted"] > 0
 
 
+def test_forks_of_forks_during_eviction_batches(swaptest: str, tmp_path: Path) -> None:
+    """A thread forks a child that forks a grandchild, again and again, while the manager
+    evicts: both check an area that never changes (its pages are evicted and read back
+    all the time, so forks land in eviction batches).  A fork of a fork copies the batch
+    in flight too, and the batch's outcome must reach it.  (The old code's grandchild
+    never had its copy settled - found by reading; two runs of this test on that code did
+    not hit the window, so this guards forks under eviction in general.)"""
+    stats, _, _ = run_limited(
+        swaptest,
+        tmp_path,
+        ["32", "rand", "40000", "2", "20"],
+        "--limit",
+        "8M",
+        env={"SWAPTEST_FORKS": "256"},
+    )
+    assert stats["pages_evicted"] > 0
+
+
 async def test_plain_eviction_of_an_address_mapped_anew(swaptest: str) -> None:
     """The same, for Manager.evict without userspace swap (the engine's rules): an
     unmapped range's HOLD rule is gone by the time the MOVE is decided, so the new

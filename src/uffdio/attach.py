@@ -511,6 +511,8 @@ async def attach(manager: Manager, pid: int) -> AttachedProcess:
         u = Userfaultfd(local, want, iout[0])
         manager._setup_uffd(u)
         proc = AttachedProcess(manager, pid)
+        proc._hold_for_move = False
+        proc._welcomed.set()  # (no agent: nothing to wait for)
         proc.uffd = u
         proc.features = Feature(want)
         proc.event_fork = bool(want & Feature.EVENT_FORK)

@@ -187,6 +187,10 @@ class ManagedProcess:
         self.manager = manager
         self.pid = pid
         self.ppid = ppid
+        #: whether a MOVE runs under a hold of the engine (see _move_held); not for a
+        #: process attached with ptrace: its MOVE session stops every thread, and one
+        #: waiting for its unmap event to be read would never stop
+        self._hold_for_move = True
         #: set once the agent was sent its WELCOME: it drops whatever comes before (the
         #: handshake), so request() waits for this
         self._welcomed = anyio.Event()
@@ -500,9 +504,10 @@ class ManagedProcess:
         Returns (moved pairs, skipped pages, the (src, dst, len) triples moved)."""
         from .swap import HOLD_TIMEOUT_MS
 
-        rc = await anyio.to_thread.run_sync(lib.uf_engine_hold, e, 1, HOLD_TIMEOUT_MS)
-        if rc < 0:
-            raise error_for(-rc, "evict: holding the fault engine", f"pid {self.pid}")
+        if self._hold_for_move:
+            rc = await anyio.to_thread.run_sync(lib.uf_engine_hold, e, 1, HOLD_TIMEOUT_MS)
+            if rc < 0:
+                raise error_for(-rc, "evict: holding the fault engine", f"pid {self.pid}")
         try:
             cap = 4 * (nplaced + 64)
             quads = ffi.new("uint64_t[]", 4 * cap)
@@ -521,7 +526,8 @@ class ManagedProcess:
             moved, skipped = await self._op_move([w for t in trips for w in t])
             return moved, skipped, trips
         finally:
-            lib.uf_engine_hold(e, 0, 0)
+            if self._hold_for_move:
+                lib.uf_engine_hold(e, 0, 0)
 
     def _settle(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> int:
         flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))

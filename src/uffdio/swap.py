@@ -393,6 +393,7 @@ class Swap:
         except OSError:
             pm = -1  # exited already
         pt = lib.uf_engine_pt(e)
+        forked = pt != ffi.NULL
         if pt == ffi.NULL:
             try:
                 adopted = proc.swap_kept is not None
@@ -419,6 +420,18 @@ class Swap:
             proc.uffd.on_event(C.Event.ERROR, self._on_engine_error)
         if isinstance(self.store, PyStore):
             proc.uffd.on_fault(self._on_fault)
+        tg = self.manager._tg if self.manager is not None else None
+        if forked and tg is not None:
+            # a fork child's copy of its parent's batch: pages whose put failed and that
+            # were kept for it until it had a uffd (uf_pt_settle)
+            tg.start_soon(self._settle, lib.uf_pt_ref(pt))
+
+    @staticmethod
+    async def _settle(pt: CData) -> None:
+        try:
+            await anyio.to_thread.run_sync(lib.uf_pt_settle, pt)
+        finally:
+            lib.uf_pt_unref(pt)
 
     def _adopt(self, proc: ManagedProcess, pagemap: int) -> CData:
         """Take over the page table of a process whose manager was killed, and its store

@@ -20,6 +20,9 @@
  *   a new one at the same address with raw syscalls (as glibc's malloc does for big blocks:
  *   nobody registers the new mapping), fills it, and checks it - again and again.  A page
  *   of the old mapping that was being evicted must never take the new one's data with it.
+ * SWAPTEST_FORKS=N: one more thread, while the others run, reads an N-page area that
+ *   never changes, forks a child that forks a grandchild, and both check the area -
+ *   again and again, forks landing in eviction batches.
  * Prints "ok checked=N" and exits 0, or prints the first mismatch and exits 1.
  */
 #define _GNU_SOURCE
@@ -168,6 +171,52 @@ static struct thr *threads;
 
 static volatile int churn_stop;
 static unsigned long churn_rounds;
+
+static void *forker(void *arg)
+{
+	size_t n = (size_t)arg;
+	uint64_t ver;
+	char *a = mmap(NULL, n * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+
+	if (a == MAP_FAILED) {
+		perror("forks mmap");
+		_exit(2);
+	}
+	madvise(a, n * PAGE, MADV_NOHUGEPAGE);
+	for (size_t i = 0; i < n; i++)
+		fill((uint64_t *)(a + i * PAGE), (2ULL << 40) + i, 7);
+	while (!churn_stop) {
+		for (size_t i = 0; i < n; i++) {
+			int r = verify((const uint64_t *)(a + i * PAGE), (2ULL << 40) + i, &ver);
+			if (r || ver != 7)
+				fail("forks parent", (2ULL << 40) + i, r ? r : -4, (const uint64_t *)(a + i * PAGE));
+		}
+		pid_t pid = fork();
+		if (pid == 0) {
+			pid_t g = fork();
+			for (size_t i = 0; i < n; i++) {
+				int r = verify((const uint64_t *)(a + i * PAGE), (2ULL << 40) + i, &ver);
+				if (r || ver != 7)
+					fail(g == 0 ? "forks grandchild" : "forks child", (2ULL << 40) + i, r ? r : -4,
+					     (const uint64_t *)(a + i * PAGE));
+			}
+			if (g == 0)
+				_exit(0);
+			int st = 0;
+			waitpid(g, &st, 0);
+			_exit(WIFEXITED(st) && WEXITSTATUS(st) == 0 ? 0 : 1);
+		}
+		int st = 0;
+		waitpid(pid, &st, 0);
+		if (!WIFEXITED(st) || WEXITSTATUS(st) != 0) {
+			fprintf(stderr, "MISMATCH forks child or grandchild failed (status %d)\n", st);
+			_exit(1);
+		}
+		churn_rounds++;
+		usleep(1000 + (unsigned)(mix(churn_rounds) % 4000));
+	}
+	return NULL;
+}
 
 static void *churner(void *arg)
 {
@@ -343,12 +392,17 @@ int main(int argc, char **argv)
 	size_t churn = getenv("SWAPTEST_CHURN") ? (size_t)atol(getenv("SWAPTEST_CHURN")) : 0;
 	if (churn)
 		pthread_create(&ctid, NULL, churner, (void *)churn);
+	pthread_t ftid;
+	size_t forks = getenv("SWAPTEST_FORKS") ? (size_t)atol(getenv("SWAPTEST_FORKS")) : 0;
+	if (forks)
+		pthread_create(&ftid, NULL, forker, (void *)forks);
 	for (int t = 0; t < nthreads; t++)
 		pthread_join(tid[t], NULL);
-	if (churn) {
-		churn_stop = 1;
+	churn_stop = 1;
+	if (churn)
 		pthread_join(ctid, NULL);
-	}
+	if (forks)
+		pthread_join(ftid, NULL);
 	check_all("final");
 	printf("ok checked=%lu pages=%zu churn=%lu\n", (unsigned long)checked, live_pages, churn_rounds);
 	return 0;
