@@ -146,7 +146,7 @@ struct uf_engine {
 	/* uf_engine_hold: no read of the uffd while hold_want (see there) */
 	pthread_mutex_t hold_lock;
 	pthread_cond_t hold_cv;
-	int hold_want, hold_on, hold_cancel_sent;
+	int hold_want, hold_on, hold_cancel_sent, hold_waiters;
 	int timer_armed;
 	struct __kernel_timespec retry_ts;
 
@@ -1194,6 +1194,7 @@ int uf_engine_hold(uf_engine *e, int on, int timeout_ms)
 		dl.tv_nsec -= 1000000000L;
 	}
 	pthread_mutex_lock(&e->hold_lock);
+	e->hold_waiters++;
 	while (!e->hold_on && rc == 0 && !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE))
 		rc = pthread_cond_timedwait(&e->hold_cv, &e->hold_lock, &dl);
 	if (e->hold_on && !__atomic_load_n(&e->stopping, __ATOMIC_ACQUIRE))
@@ -1202,11 +1203,14 @@ int uf_engine_hold(uf_engine *e, int on, int timeout_ms)
 		rc = -ESRCH;
 	else
 		rc = -rc;
-	pthread_mutex_unlock(&e->hold_lock);
 	if (rc) {
 		__atomic_store_n(&e->hold_want, 0, __ATOMIC_RELEASE);
 		uf_engine_kick(e);
 	}
+	/* (uf_engine_free waits for the last waiter to leave before the engine goes) */
+	if (--e->hold_waiters == 0)
+		pthread_cond_broadcast(&e->hold_cv);
+	pthread_mutex_unlock(&e->hold_lock);
 	return rc;
 }
 
@@ -1410,6 +1414,14 @@ void uf_engine_free(uf_engine *e)
 		return;
 	if (e->started)
 		uf_engine_stop(e);
+	/* a thread still in uf_engine_hold: the engine is stopped, it leaves with -ESRCH */
+	pthread_mutex_lock(&e->hold_lock);
+	__atomic_store_n(&e->stopping, 1, __ATOMIC_RELEASE);
+	while (e->hold_waiters) {
+		pthread_cond_broadcast(&e->hold_cv);
+		pthread_cond_wait(&e->hold_cv, &e->hold_lock);
+	}
+	pthread_mutex_unlock(&e->hold_lock);
 	if (e->ring_ok)
 		io_uring_queue_exit(&e->ring);
 	if (e->br)
