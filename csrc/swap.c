@@ -992,6 +992,7 @@ struct uf_pt {
 	size_t nruns, capruns;
 	struct remap *log;
 	size_t nlog, caplog;
+	int keep; /* an agent keeps the memfd: the entries' references outlive us */
 	uint64_t *trip; /* (src, dst, len) as handed to the agent's MOVE */
 	size_t ntrip, captrip;
 	uf_pt **kids; /* forked while the batch was in flight */
@@ -1205,6 +1206,16 @@ static void pt_init(uf_pt *pt, uf_store *store)
 
 /* The descriptor of the table's memfd, for the agent to keep, and its store's. */
 int uf_pt_fd(uf_pt *pt) { return pt->tfd; }
+
+/* on: the process's agent holds a duplicate of this table's memfd (and of the store's),
+ * so when we let go of the table its entries' references stay in the store - the
+ * pages are the process's, for whichever manager takes it over (a manager that ends
+ * without giving the process back, on an error or a crash, must not free them).
+ * off: the process is gone, or was given back: the references go with the table. */
+void uf_pt_keep(uf_pt *pt, int on)
+{
+	__atomic_store_n(&pt->keep, on, __ATOMIC_RELEASE);
+}
 int uf_pt_store_fd(uf_pt *pt) { return uf_store_fd(pt->store); }
 int uf_pt_store_file_fd(uf_pt *pt) { return uf_store_file_fd(pt->store); }
 
@@ -1242,14 +1253,16 @@ void uf_pt_unref(uf_pt *pt)
 
 	if (!pt || __atomic_sub_fetch(&pt->refs, 1, __ATOMIC_ACQ_REL) > 0)
 		return;
-	st_lock(pt->store);
-	for (i = 0; i < pt->ntab; i++) {
-		if (!pt->tab[i].key)
-			continue;
-		for (j = 0; j < LEAF_N; j++)
-			slot_put_ref(pt->store, E_SLOT(pt->tab[i].ents[j]));
+	if (!__atomic_load_n(&pt->keep, __ATOMIC_ACQUIRE)) {
+		st_lock(pt->store);
+		for (i = 0; i < pt->ntab; i++) {
+			if (!pt->tab[i].key)
+				continue;
+			for (j = 0; j < LEAF_N; j++)
+				slot_put_ref(pt->store, E_SLOT(pt->tab[i].ents[j]));
+		}
+		st_unlock(pt->store);
 	}
-	st_unlock(pt->store);
 	for (i = 0; i < pt->nkids; i++)
 		uf_pt_unref(pt->kids[i]);
 	free(pt->kids);

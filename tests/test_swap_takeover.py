@@ -224,3 +224,67 @@ def test_python_store_is_not_taken_over(swaptest: str, tmp_path: Path) -> None:
         _kill(m1)
         if m2 is not None:
             _kill(m2)
+
+
+FAILING_MANAGER = """
+import sys, anyio
+from uffdio import Manager
+from uffdio.manage import ManagedProcess
+from uffdio.swap import Swap
+
+async def cannot_give_back(self):
+    raise OSError(5, "the store cannot be read (as if)")
+
+ManagedProcess.release = cannot_give_back  # giving the pages back fails
+
+async def main():
+    async with Manager(sys.argv[1], swap=Swap(limit=8 << 20)):
+        await anyio.sleep(float(sys.argv[2]))
+        raise RuntimeError("the embedding program fails")
+
+anyio.run(main)
+"""
+
+
+def test_manager_ending_without_giving_back_leaves_the_pages(swaptest: str, tmp_path: Path) -> None:
+    """A manager that ends on an error (not a kill) and cannot give its process back
+    runs its cleanup: letting go of a page table must not free the pages in the store
+    while the process lives and its agent keeps the table (uf_pt_keep) - a successor
+    takes them over.  (It used to drop every reference: the store freed the pages and
+    the successor refused the table, EBADMSG, the program left waiting.)"""
+    sock = str(tmp_path / "m.sock")
+    m1 = subprocess.Popen(
+        [sys.executable, "-c", FAILING_MANAGER, sock, "2.0"], stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert m1.poll() is None and time.monotonic() < deadline, "the manager did not start"
+        time.sleep(0.05)
+    target = _target(swaptest, sock, "32", "rand", "100000", "2", "30")
+    try:
+        _, m1err = m1.communicate(timeout=60)
+        assert "the embedding program fails" in m1err
+        assert target.poll() is None, target.communicate()
+        stats = tmp_path / "s.json"
+        m2 = subprocess.Popen(
+            UFFDIO
+            + ["serve", "--socket", sock, "--limit", "8M", "--exit-when-idle"]
+            + ["--stats-json", str(stats)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, m2err = m2.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            m2.kill()
+            _, m2err = m2.communicate()
+            msg = f"the new manager did not finish: {_state(target)}\n{m2err}"
+            raise AssertionError(msg) from None
+        assert m2.returncode == 0, m2err
+        out, err = target.communicate(timeout=60)
+        assert target.returncode == 0, out + err
+        rec = json.loads(stats.read_text())["recovered"]
+        assert rec["processes"] == 1 and rec["pages_evicted"] > 1000
+    finally:
+        _kill(target)
+        _kill(m1)

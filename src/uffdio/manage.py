@@ -194,6 +194,7 @@ class ManagedProcess:
         #: set once the agent was sent its WELCOME: it drops whatever comes before (the
         #: handshake), so request() waits for this
         self._welcomed = anyio.Event()
+        self._replies_closed = False
         self.uffd: Userfaultfd | None = None
         self.features = Feature(0)
         self.event_fork = False
@@ -259,6 +260,9 @@ class ManagedProcess:
     ) -> P.Msg:
         if self.exited:
             raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} exited")
+        if self._replies_closed:
+            # its reader is gone (it exited, or we are ending): a reply would never be read
+            raise UffdProcessGone(errno.ESRCH, "uffdio agent", f"pid {self.pid} went away")
         if not self._welcomed.is_set():
             # (Manager.wait_process returns before the agent's handshake is over: a
             # request sent then would be dropped by the agent and never answered)
@@ -299,6 +303,7 @@ class ManagedProcess:
         slot[0].set()
 
     def _fail_replies(self) -> None:
+        self._replies_closed = True  # (nobody reads replies any more: see request)
         for ev, _box in self._replies.values():
             ev.set()
 
@@ -581,6 +586,8 @@ class ManagedProcess:
             await self.swap_in_all()
             with contextlib.suppress(UffdProcessGone):
                 await self.request(P.M_DETACH, timeout=30)
+            if self.manager.swap is not None:
+                self.manager.swap.let_go(self)  # (given back, or gone)
 
     async def _fence(self, seq: int) -> None:
         """A fork without EVENT_FORK: bring everything back and hold evictions."""
@@ -1085,7 +1092,7 @@ class Manager:
                 kept[k.a] = k.fd
         old = self.processes.get(pid)
         if old is not None:  # exec: the old image and its mm are gone
-            self._retire(old)
+            self._retire(old, execed=True)
         proc = ManagedProcess(self, pid, ppid, conn)
         if len(words) >= 3:
             proc.agent_version, proc.scratch, proc.scratch_len = words[0], words[1], words[2]
@@ -1370,8 +1377,11 @@ class Manager:
                     os.close(msg.fd)
         except OSError:
             pass
-        proc._fail_replies()
-        proc._gone.set()
+        finally:
+            # (cancelled too - the manager ending: a shielded eviction waiting for the
+            # agent's answer must not wait forever)
+            proc._fail_replies()
+            proc._gone.set()
 
     async def _watch_exit(self, proc: ManagedProcess, pidfd: int, tg: anyio.abc.TaskGroup) -> None:
         await anyio.wait_readable(pidfd)
@@ -1379,11 +1389,15 @@ class Manager:
         proc._fail_replies()
         proc._gone.set()
 
-    def _retire(self, proc: ManagedProcess) -> None:
+    def _retire(self, proc: ManagedProcess, execed: bool = False) -> None:
         if proc._scope is not None:
             proc._scope.cancel()
         proc.exited = True
         if self.swap is not None:
+            if execed or _dead(proc.pid):
+                # (alive - its agent lost us - its pages wait in the store for whoever
+                # takes it over: see uf_pt_keep)
+                self.swap.let_go(proc)
             self.swap.detach(proc)
         if proc.swap_kept is not None:
             for fd in proc.swap_kept:

@@ -310,6 +310,8 @@ class _Proc:
     #: the agent has been handed the page table (see kept_fds): from then on a manager
     #: that takes over after a kill finds every page evicted - nothing is evicted before
     kept: bool = False
+    #: the agent was asked for the batch's MOVE (its answer may be lost: see _batch_finish)
+    move_asked: bool = False
 
     def close(self) -> None:
         if self.pagemap >= 0:
@@ -466,7 +468,16 @@ class Swap:
                 raise UffdProcessGone(errno.ESRCH, f"takeover: pid {proc.pid} exited")
             ino = os.fstat(sfd).st_ino
             store = self.adopted_stores.get(ino)
-            if store is None:
+            own = lib.uf_store_fd(self.store._h) if not isinstance(self.store, PyStore) else -1
+            if store is None and own >= 0 and os.fstat(own).st_ino == ino:
+                # an agent that called again while we still run (its connection broke): the
+                # store is our own - never a second allocator over the same memory
+                store = self.store
+                os.close(sfd)
+                if ffd >= 0:
+                    os.close(ffd)
+                    ffd = -1
+            elif store is None:
                 if ffd >= 0:
                     store = FileStore.adopt(ffd, sfd)
                     ffd = -1
@@ -539,6 +550,16 @@ class Swap:
         p = self.procs.get(proc.pid)
         if p is not None:
             p.kept = True
+            # its pages outlive this manager: never freed when the table is let go while
+            # the process lives (uf_pt_keep; let_go says when they may be)
+            lib.uf_pt_keep(p.pt, 1)
+
+    def let_go(self, proc: ManagedProcess) -> None:
+        """proc exited, exec'd or was given back: its table's store references are no
+        longer anybody's once the table goes."""
+        p = self.procs.get(proc.pid)
+        if p is not None:
+            lib.uf_pt_keep(p.pt, 0)
 
     async def _on_fault(self, batch: Any) -> None:
         """Faults on pages of a Python store (the engine forwards them): read, install."""
@@ -873,11 +894,20 @@ class Swap:
                 await self._zap(p)
                 zap = None
             t0 = time.perf_counter()
+            p.move_asked = False
             moved_words, skipped = await self._move_held(p, scratch, zap)
             p.zap = None
         except BaseException:
-            # nothing was moved (or the process is gone): every page goes back to its state
-            lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            from .manage import _dead
+
+            if not p.move_asked or _dead(proc.pid):
+                # nothing was moved (or nobody is left): every page goes back to its state
+                lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            # else the MOVE was asked for and its answer is lost (the agent's connection
+            # went, or we are ending): pages may sit in the scratch area.  The batch stays
+            # open - their faults wait, nothing reads zeros - and is repaired from the
+            # table's memfd by whoever serves the process next (uf_pt_recover: the agent
+            # calls again, this manager or a successor)
             raise
         moved = array.array("Q", moved_words)
         used = ffi.new("uint64_t *")
@@ -948,6 +978,7 @@ class Swap:
                 if zap is not None:
                     await self._zap(p)
                 return [], 0
+            p.move_asked = True
             return await proc._op_move(out[: 3 * n], zap)
         finally:
             lib.uf_engine_hold(e, 0, 0)
