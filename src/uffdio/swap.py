@@ -296,6 +296,12 @@ def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
 
 
+def _dead(pid: int) -> bool:
+    from .manage import _dead as dead
+
+    return dead(pid)
+
+
 @dataclass
 class _Proc:
     proc: ManagedProcess
@@ -312,6 +318,8 @@ class _Proc:
     kept: bool = False
     #: the agent was asked for the batch's MOVE (its answer may be lost: see _batch_finish)
     move_asked: bool = False
+    #: Swap.detach came while an eviction was in flight: it closes the page map
+    detached: bool = False
 
     def close(self) -> None:
         if self.pagemap >= 0:
@@ -679,7 +687,10 @@ class Swap:
         p = self.procs.pop(proc.pid, None)
         if p is None:
             return
-        p.close()
+        if p.staging is None:
+            p.close()
+        else:
+            p.detached = True  # an eviction in flight still reads its page map: it closes
         st = self._pt_stats(p.pt)
         for k, v in st.items():
             if isinstance(v, int) and k not in _NOT_SUMMED:
@@ -825,6 +836,8 @@ class Swap:
                 self._stagings.append(p.staging)
                 del self._stagings[:-4]
                 p.staging = None
+                if p.detached:
+                    p.close()
                 if p.zap is not None and not proc.exited:
                     # the last batch's half: the scratch area is left empty (when this
                     # fails, the next call tries again before it moves anything)
@@ -898,8 +911,6 @@ class Swap:
             moved_words, skipped = await self._move_held(p, scratch, zap)
             p.zap = None
         except BaseException:
-            from .manage import _dead
-
             if not p.move_asked or _dead(proc.pid):
                 # nothing was moved (or nobody is left): every page goes back to its state
                 lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
@@ -926,7 +937,7 @@ class Swap:
                 res,
                 used,
             )
-            if rc >= 0 or proc.exited:
+            if rc >= 0 or _dead(proc.pid):
                 break
             await anyio.sleep(0.01 * (attempt + 1))
         if rc == 1:  # a Python store: it puts the pages, then we commit
@@ -935,7 +946,10 @@ class Swap:
             # The moved pages sit in the scratch area and cannot be read.  Committing now
             # would let their faults through to zero pages; the batch stays open instead
             # (those threads wait, nothing reads zeros) and the error is reported.
-            if proc.exited:
+            # (proc.exited is not enough: it also means that we stopped serving it - the
+            # agent's connection went, or we are ending - while it lives, and its pages
+            # are in the scratch area: the batch stays open for whoever serves it next)
+            if _dead(proc.pid):
                 lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)  # nobody is left
             raise error_for(-rc, "evict: reading the moved pages", f"pid {proc.pid}")
         ph["collect"] += time.perf_counter() - t1
