@@ -476,7 +476,7 @@ CREATE TABLE item(id INTEGER PRIMARY KEY, grp INTEGER NOT NULL, name TEXT NOT NU
                   val REAL NOT NULL, tag TEXT);
 CREATE TABLE grp(id INTEGER PRIMARY KEY, label TEXT NOT NULL);
 BEGIN;
-WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 200000)
+WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < 120000)
 INSERT INTO item SELECT x, (x * 7919) % 211,
        printf('name-%08d-%s', (x * 2654435761) % 100000007, hex(x * x)),
        ((x * 40503) % 65536) / 64.0,
@@ -511,7 +511,7 @@ def _dump_digest(sqlite3: str, db: Path, tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("mode", [*MODES, "limit"])
 def test_sqlite3(tmp_path, mode):
-    """The sqlite3 shell builds a 200,000-row database (recursive CTE, indexes, aggregates, a
+    """The sqlite3 shell builds a 120,000-row database (recursive CTE, indexes, aggregates, a
     join, VACUUM) and prints the same results under management; the database file and its
     .dump are identical to the bare run's."""
     sqlite3 = shutil.which("sqlite3")
@@ -521,7 +521,7 @@ def test_sqlite3(tmp_path, mode):
     script.write_text(SQL)
     want, got_db = tmp_path / "bare.db", tmp_path / "managed.db"
     base = run([sqlite3, str(want)], tmp_path, stdin=script)
-    extra = {"limit": "32M"} if mode == "limit" else {}  # its resident set is about 40 MiB
+    extra = {"limit": "16M"} if mode == "limit" else {}  # its resident set is about 30 MiB
     got = managed([sqlite3, str(got_db)], tmp_path, mode, stdin=script, **extra)
     assert base.stdout.endswith(b"\nok\n"), base.stdout[-200:]  # integrity_check
     assert_same(base, got, mode)

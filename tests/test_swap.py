@@ -408,7 +408,7 @@ def test_new_mapping_at_an_evicted_address_keeps_its_data(swaptest: str, tmp_pat
     stats, _, _ = run_limited(
         swaptest,
         tmp_path,
-        ["32", "rand", "40000", "2", "20"],
+        ["32", "rand", "25000", "2", "20"],
         "--limit",
         "8M",
         env={"SWAPTEST_CHURN": "256"},
@@ -426,7 +426,7 @@ def test_forks_of_forks_during_eviction_batches(swaptest: str, tmp_path: Path) -
     stats, _, _ = run_limited(
         swaptest,
         tmp_path,
-        ["32", "rand", "40000", "2", "20"],
+        ["32", "rand", "20000", "2", "20"],
         "--limit",
         "8M",
         env={"SWAPTEST_FORKS": "256"},
