@@ -583,6 +583,12 @@ static void move_run(uint64_t src, uint64_t dst, uint64_t len, uint64_t *out, ui
 	}
 
 	while (off < len) {
+		if (*nout + 2 > max) {
+			/* no room to say what moves next: nothing more moves (a page moved
+			 * without the manager knowing would be dropped) */
+			*skipped += (int64_t)((len - off) / PAGE);
+			return;
+		}
 		struct uffdio_move m = { .dst = dst + off, .src = src + off, .len = len - off,
 					 .mode = UFFDIO_MOVE_MODE_ALLOW_SRC_HOLES };
 		int rc = ioctl(A->uffd, UFFDIO_MOVE, &m) < 0 ? -errno : 0;

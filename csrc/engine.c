@@ -485,7 +485,7 @@ int64_t uf_rules_fill_all(uf_engine *e)
  * Returns 1 when a snapshot was found, 0 when the current rules were copied instead. */
 int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd)
 {
-	struct forksnap snap = { -1, NULL, 0 };
+	struct forksnap snap = { -1, NULL, 0, NULL };
 	size_t i;
 	int rc = 0, found = 0;
 
@@ -1094,8 +1094,14 @@ static void process_cqes(uf_engine *e)
 			begin_stop(e);
 			break;
 		case UD_CANCEL:
+			e->inflight--;
+			break;
 		case UD_HCANCEL:
 			e->inflight--;
+			/* not found (the read ended meanwhile: its completion says so) or refused:
+			 * hold_step sends another while the read is still armed */
+			if (cqe->res < 0 && cqe->res != -EALREADY)
+				e->hold_cancel_sent = 0;
 			break;
 		case UD_KICK:
 			e->inflight--;
@@ -1340,6 +1346,7 @@ int uf_engine_start(uf_engine *e, int thread)
 	e->st.thread = (uint64_t)!!thread;
 	e->stopping = 0;
 	e->read_failed = 0;
+	e->hold_want = e->hold_on = e->hold_cancel_sent = 0; /* (no hold outlives a run) */
 	e->started = 1;
 	rc = arm_read(e);
 	if (rc < 0)

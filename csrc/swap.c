@@ -1006,6 +1006,7 @@ struct uf_pt {
 	struct copyback {
 		uint64_t addr;
 		char *data;
+		int failed; /* counted in store_errors once */
 	} *cb;
 	size_t ncb, capcb;
 
@@ -1803,62 +1804,72 @@ static int defer_copyback(uf_pt *pt, uint64_t addr, const void *data)
 	memcpy(d, data, PG);
 	pt->cb[pt->ncb].addr = addr;
 	pt->cb[pt->ncb].data = d;
+	pt->cb[pt->ncb].failed = 0;
 	pt->ncb++;
 	return 0;
 }
 
-/* Install the deferred copy-backs (pt->lock NOT held on entry).  Each is tried with the
- * lock held - so that an event (REMOVE, UNMAP) cannot be applied between the check of
- * its entry and the copy - and the lock is dropped between tries so that the engine can
- * read the pending events that make UFFDIO_COPY return EAGAIN.  A page still TRANSIT
- * and not dropped is copied in and becomes NONE; a dropped or remapped one is let go
- * (the program discarded it, or the mapping is gone).  Every page ends installed or
- * released: its threads are woken. */
-static void finish_copybacks(uf_pt *pt)
+/* Install the deferred copy-backs (pt->lock NOT held on entry), trying for up to
+ * wait_ms: each is tried with the lock held - so that an event (REMOVE, UNMAP) cannot be
+ * applied between the check of its entry and the copy - and the lock is dropped between
+ * rounds so that the engine can read the pending events that make UFFDIO_COPY return
+ * EAGAIN.  A page still TRANSIT and not dropped is copied in and becomes NONE; a dropped
+ * or remapped one is let go (the program discarded it, or the mapping is gone); either
+ * way its threads are woken.  What cannot be installed yet (EAGAIN: events nobody has
+ * read - the engine may be held, or stopped; ENOMEM) stays kept, TRANSIT - its threads
+ * wait rather than read zeros - and is tried again by uf_pt_settle, which the manager
+ * calls every round.  Never blocks longer than wait_ms: a caller on the event loop (or
+ * committing a parent's batch for a fork child whose engine is held) passes 0.
+ * Returns how many copy-backs are still kept. */
+static size_t finish_copybacks(uf_pt *pt, unsigned wait_ms)
 {
-	for (;;) {
-		uint64_t addr, *e, done = 0;
-		char *data;
-		int r = 0;
+	uint64_t deadline = mono_ns() + (uint64_t)wait_ms * 1000000u;
+	size_t left;
 
-		pthread_mutex_lock(&pt->lock);
-		if (!pt->ncb || pt->uffd < 0) { /* (no uffd yet: a fork child's, uf_pt_settle) */
-			pthread_mutex_unlock(&pt->lock);
-			return;
-		}
-		addr = pt->cb[pt->ncb - 1].addr;
-		data = pt->cb[pt->ncb - 1].data;
-		for (;;) {
-			e = ent_at(pt, addr, 0);
-			if (!e || E_STATE(*e) != UF_PG_TRANSIT || (*e & E_DROPPED) || pt->uffd < 0)
-				break; /* not ours to bring back any more */
-			r = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, UFFDIO_COPY_MODE_DONTWAKE, &done);
-			if (r != -EAGAIN)
-				break;
-			pthread_mutex_unlock(&pt->lock);
-			usleep(200); /* the engine drains the events */
-			pthread_mutex_lock(&pt->lock);
-		}
-		e = ent_at(pt, addr, 0);
-		if (e && E_STATE(*e) == UF_PG_TRANSIT) {
-			if (r < 0 && r != -EEXIST && r != -ENOENT && r != -ESRCH)
-				pt->st.store_errors++; /* not installed (ENOMEM...): it stays TRANSIT,
-							* its threads wait rather than read zeros */
-			else
-				ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(*e)));
-		}
-		pt->ncb--;
-		pthread_mutex_unlock(&pt->lock);
-		free(data);
-		if (pt->uffd >= 0)
+	pthread_mutex_lock(&pt->lock);
+	for (;;) {
+		size_t i = pt->ncb;
+		while (pt->uffd >= 0 && i-- > 0) { /* (no uffd yet: a fork child's, later) */
+			uint64_t addr = pt->cb[i].addr, *e = ent_at(pt, addr, 0), done = 0;
+			int r = -ENOENT, ours = e && E_STATE(*e) == UF_PG_TRANSIT && !(*e & E_DROPPED);
+			if (ours)
+				r = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)pt->cb[i].data, PG,
+						UFFDIO_COPY_MODE_DONTWAKE, &done);
+			if (r == -EAGAIN || r == -ENOMEM) {
+				if (r == -ENOMEM && !pt->cb[i].failed) {
+					pt->cb[i].failed = 1;
+					pt->st.store_errors++;
+				}
+				continue; /* kept: tried again */
+			}
+			if (ours) {
+				if (r < 0 && r != -EEXIST && r != -ENOENT && r != -ESRCH)
+					pt->st.store_errors++; /* not installed, and never will be: it stays
+								* TRANSIT, its threads wait rather than read
+								* zeros */
+				else
+					ent_set(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(*e)));
+			}
+			free(pt->cb[i].data);
+			pt->cb[i] = pt->cb[--pt->ncb];
 			uf_wake(pt->uffd, addr, PG);
+		}
+		if (!pt->ncb || pt->uffd < 0 || mono_ns() >= deadline)
+			break;
+		pthread_mutex_unlock(&pt->lock);
+		usleep(200); /* the engine drains the events */
+		pthread_mutex_lock(&pt->lock);
 	}
+	left = pt->ncb;
+	pthread_mutex_unlock(&pt->lock);
+	return left;
 }
 
-/* Install the copy-backs kept for this table (a fork child's, before it had a uffd). */
-void uf_pt_settle(uf_pt *pt)
+/* Install the copy-backs kept for this table: a fork child's, before it had a uffd, or
+ * ones that met pending events.  Never waits.  Returns how many are still kept. */
+int64_t uf_pt_settle(uf_pt *pt)
 {
-	finish_copybacks(pt);
+	return (int64_t)finish_copybacks(pt, 0);
 }
 
 int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t *read, size_t nread,
@@ -1908,7 +1919,9 @@ int uf_pt_commit(uf_pt *pt, const uint64_t *moved, size_t nmoved, const uint64_t
 	}
 	t1 = mono_ns();
 	rc = commit_core(pt, moved, nmoved, read, nread, buf, putoff, slots, nput, stored, rc, res);
-	finish_copybacks(pt);
+	/* (a worker thread's commit waits a moment for pending events; an empty one - the
+	 * event loop's, after an error - never waits: uf_pt_settle tries again) */
+	finish_copybacks(pt, nmoved || nread ? 20 : 0);
 	free(slots);
 	free(putoff);
 	__atomic_fetch_add(&pt->st.ns_put, t1 - t0, __ATOMIC_RELAXED);
@@ -1969,7 +1982,7 @@ int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const
 	}
 	rc = commit_core(pt, mo ? mo : putoff, nmo, rd ? rd : putoff, nrd, buf, putoff, hs ? hs : putoff, nput,
 			 (int64_t)nstored, hs ? 0 : -ENOMEM, res);
-	finish_copybacks(pt);
+	finish_copybacks(pt, 0); /* (on the event loop: never waits) */
 	free(hs);
 	free(mo);
 	free(rd);
@@ -1980,8 +1993,8 @@ int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const
 /* A page whose put failed, for a table forked from this batch after its MOVE (the
  * child's copy of the page is a hole too, its faults wait): copied into the child's
  * uffd, or kept until the child has one (uf_pt_settle) or its events are read
- * (EAGAIN).  Returns 1 when the page is dealt with, 0 when apply() decides (it is
- * not TRANSIT there, or dropped).  Lock of k held. */
+ * (EAGAIN, ENOMEM).  Returns 1 when the page is dealt with, 0 when apply() decides (it
+ * is not TRANSIT there, or dropped, or its mapping is gone).  Lock of k held. */
 static int kid_copyback(uf_pt *k, uint64_t addr, const void *data, struct uf_commit *res)
 {
 	uint64_t a = translate(k, addr), *e = a ? ent_at(k, a, 0) : NULL, done = 0;
@@ -1997,11 +2010,14 @@ static int kid_copyback(uf_pt *k, uint64_t addr, const void *data, struct uf_com
 			uf_wake(k->uffd, a, PG);
 		return 1;
 	}
-	if (r == -EAGAIN && defer_copyback(k, a, data) == 0)
+	if (r == -ENOENT || r == -ESRCH)
+		return 0; /* the mapping, or the child, is gone */
+	if ((r == -EAGAIN || r == -ENOMEM) && defer_copyback(k, a, data) == 0)
 		return 1; /* stays TRANSIT until finish_copybacks */
-	if (r != -ENOENT && r != -ESRCH)
-		res->lost_errno = r;
-	return 0;
+	/* not installed (and no memory to keep it): it stays TRANSIT - its threads wait
+	 * rather than read zeros */
+	res->lost_errno = r;
+	return 1;
 }
 
 /* Apply one page's outcome to every table forked while the batch was in flight - and
@@ -2113,12 +2129,16 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 				int r = pt->uffd >= 0 ? uf_copy_all(pt->uffd, translate(pt, addr),
 								    (uint64_t)(uintptr_t)data, PG,
 								    UFFDIO_COPY_MODE_DONTWAKE, &done)
-						      : -EBADF;
+						      : -EAGAIN; /* (unbound: kept) */
 				out = OUT_NONE;
-				if (r == -EAGAIN && defer_copyback(pt, translate(pt, addr), data) == 0)
-					own = 0; /* stays TRANSIT: finish_copybacks installs it */
-				else if (r < 0 && r != -ENOENT)
-					res->lost_errno = r;
+				if (r < 0 && r != -ENOENT && r != -ESRCH && r != -EEXIST) {
+					/* not installed now: it stays TRANSIT (its faults wait, never a
+					 * zero page) and finish_copybacks or uf_pt_settle installs it */
+					own = 0;
+					if ((r != -EAGAIN && r != -ENOMEM) ||
+					    defer_copyback(pt, translate(pt, addr), data) < 0)
+						res->lost_errno = r;
+				}
 				res->failed++;
 			} else {
 				out = OUT_NONE;
@@ -2155,7 +2175,9 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 		for (i = 0; i < pt->nruns; i++)
 			uf_wake(pt->uffd, pt->runs[2 * i], pt->runs[2 * i + 1]);
 	for (i = 0; i < nk; i++) {
-		finish_copybacks(kids[i]); /* (one without its uffd yet: uf_pt_settle, later) */
+		/* never waits: the child's engine may be held, or stopped (uf_pt_settle, later;
+		 * also for one without its uffd yet) */
+		finish_copybacks(kids[i], 0);
 		kick(kids[i]);
 		uf_pt_unref(kids[i]);
 	}
@@ -2684,8 +2706,8 @@ int64_t uf_pt_fill_all(uf_pt *pt)
 
 /* ---- one eviction batch after the agent's MOVE, all in C ------------------------------- */
 
-/* The agent's MOVE request for the batch begun last: (src, scratch + offset, len)
- * triples.  Returns the number of triples. */
+static int cmp_pair(const void *a, const void *b);
+
 /* What the agent moves, as (src, dst, len) triples into `scratch` (a batch page goes
  * to scratch + its index): each page of the batch at its address now (remaps since
  * begin followed), leaving out the pages that are not TRANSIT there any more or were
@@ -2698,15 +2720,18 @@ int64_t uf_pt_fill_all(uf_pt *pt)
  * describes.  Without the hold, a program that unmapped such a page and mapped new
  * memory at its address (glibc's malloc does, with raw syscalls nobody registers)
  * would have the new page's data moved out and dropped with the old one.
- * Returns the number of triples, or -E2BIG when max is too small. */
+ * At most max triples (one agent message holds so many): the pages after them are
+ * not moved, and stay resident when the batch is committed.  Returns the number of
+ * triples. */
 int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t max)
 {
 	size_t n = 0;
+	int full = 0;
 
 	pthread_mutex_lock(&pt->lock);
 	FOR_BATCH_PAGES(pt, idx, addr) {
 		uint64_t a = translate(pt, addr), v = a ? ent_get(pt, a) : 0, dst = scratch + idx * PG;
-		if (E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
+		if (full || E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
 			continue;
 		if (n && out[3 * (n - 1)] + out[3 * (n - 1) + 2] == a &&
 		    out[3 * (n - 1) + 1] + out[3 * (n - 1) + 2] == dst) {
@@ -2714,8 +2739,8 @@ int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t m
 			continue;
 		}
 		if (n == max) {
-			pthread_mutex_unlock(&pt->lock);
-			return -E2BIG;
+			full = 1;
+			continue;
 		}
 		out[3 * n] = a;
 		out[3 * n + 1] = dst;
@@ -2732,6 +2757,8 @@ int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t m
 		pt->captrip = n;
 	}
 	memcpy(pt->trip, out, n * 3 * sizeof(uint64_t));
+	/* by source address, for uf_pt_collect's look-ups (sources never overlap) */
+	qsort(pt->trip, n, 3 * sizeof(uint64_t), cmp_pair);
 	pt->ntrip = n;
 	if (pt->batch)
 		__atomic_store_n(&pt->th->scratch, scratch, __ATOMIC_RELEASE); /* before the MOVE */
@@ -2806,8 +2833,9 @@ static int cmp_pair(const void *a, const void *b)
 /* After the agent moved pages (moved: (source address, len) pairs, as it reported
  * them): find which moved pages sit in the scratch area (page map), read those without
  * a valid store copy with one process_vm_readv into buf (batch offsets), and commit.
- * -EIO (nothing committed) when the read failed: the caller moves the pages back and
- * commits an empty batch.  *scratch_used: bytes of scratch that may hold pages. */
+ * -EIO (nothing committed) when the read failed: the batch stays open (its pages sit
+ * in the scratch area, their faults wait) and the caller retries or reports it; only
+ * when the process is gone does it commit an empty batch.  *scratch_used: bytes of scratch that may hold pages. */
 int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,
 		  size_t nmoved, uint64_t buf, struct uf_commit *res, uint64_t *scratch_used)
 {
@@ -2828,7 +2856,15 @@ int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const ui
 		pthread_mutex_lock(&pt->lock);
 		for (i = 0; i < nmoved; i++) {
 			uint64_t a = moved[2 * i], end = a + moved[2 * i + 1];
-			for (k = 0; k < pt->ntrip; k++) {
+			size_t lo_k = 0, hi_k = pt->ntrip;
+			while (lo_k < hi_k) { /* the first triple that ends after a */
+				size_t mid = (lo_k + hi_k) / 2;
+				if (pt->trip[3 * mid] + pt->trip[3 * mid + 2] <= a)
+					lo_k = mid + 1;
+				else
+					hi_k = mid;
+			}
+			for (k = lo_k; k < pt->ntrip && pt->trip[3 * k] < end; k++) {
 				uint64_t s0 = pt->trip[3 * k], s1 = s0 + pt->trip[3 * k + 2];
 				uint64_t lo = a > s0 ? a : s0, hi = end < s1 ? end : s1;
 				if (lo >= hi)

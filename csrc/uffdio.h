@@ -209,7 +209,7 @@ int uf_pt_commit_external(uf_pt *pt, uint64_t buf, const uint64_t *putoff, const
 			  size_t nput, size_t nstored, int put_error, struct uf_commit *res);
 int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int write);
 int64_t uf_pt_list(uf_pt *pt, int state, uint64_t *out, size_t max);
-void uf_pt_settle(uf_pt *pt);
+int64_t uf_pt_settle(uf_pt *pt);
 void uf_pt_keep(uf_pt *pt, int on);
 int64_t uf_pt_batch_triples(uf_pt *pt, uint64_t scratch, uint64_t *out, size_t max);
 int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,

@@ -37,9 +37,13 @@ def _serve(sock: str, *opts: str) -> subprocess.Popen[str]:
     return p
 
 
-def _target(swaptest: str, sock: str, *args: str) -> subprocess.Popen[str]:
+def _target(swaptest: str, sock: str, *args: str, min_ms: int) -> subprocess.Popen[str]:
+    """swaptest under the manager at sock, running at least min_ms (SWAPTEST_MIN_MS): the
+    kills below must find it running on a fast host too (30,000 accesses per thread took
+    1.8 s on a quick evening here, and 2.5 s was the kill's delay)."""
     env = dict(
         os.environ,
+        SWAPTEST_MIN_MS=str(min_ms),
         UFFDIO_AGENT_SOCK=sock,
         LD_PRELOAD=uffdio.agent.library_path(),
         UFFDIO_AGENT_WP="1",  # as a manager with userspace swap starts its programs
@@ -96,7 +100,7 @@ def test_killed_swap_manager_is_taken_over(
 ) -> None:
     sock = str(tmp_path / "m.sock")
     m1 = _serve(sock, *(a.replace("{tmp}", str(tmp_path)) for a in first))
-    target = _target(swaptest, sock, "32", "rand", "30000", "2", "30", events)
+    target = _target(swaptest, sock, "32", "rand", "30000", "2", "30", events, min_ms=4500)
     try:
         time.sleep(2.5)  # filled and evicting
         _kill(m1)
@@ -142,7 +146,7 @@ def test_takeover_twice(swaptest: str, tmp_path: Path) -> None:
     managers = []
     try:
         managers.append(_serve(sock, "--limit", "8M", "--churn", "0.02"))
-        target = _target(swaptest, sock, "32", "rand", "60000", "2", "30")
+        target = _target(swaptest, sock, "32", "rand", "60000", "2", "30", min_ms=7000)
         for _ in range(2):
             time.sleep(2.0)
             _kill(managers[-1])
@@ -207,7 +211,7 @@ def test_python_store_is_not_taken_over(swaptest: str, tmp_path: Path) -> None:
     while not os.path.exists(sock):
         assert m1.poll() is None and time.monotonic() < deadline, "the manager did not start"
         time.sleep(0.05)
-    target = _target(swaptest, sock, "32", "rand", "40000", "2", "30")
+    target = _target(swaptest, sock, "32", "rand", "40000", "2", "30", min_ms=5000)
     m2 = None
     try:
         time.sleep(3.0)
@@ -260,7 +264,7 @@ def test_manager_ending_without_giving_back_leaves_the_pages(swaptest: str, tmp_
     while not os.path.exists(sock):
         assert m1.poll() is None and time.monotonic() < deadline, "the manager did not start"
         time.sleep(0.05)
-    target = _target(swaptest, sock, "32", "rand", "100000", "2", "30")
+    target = _target(swaptest, sock, "32", "rand", "100000", "2", "30", min_ms=4000)
     try:
         _, m1err = m1.communicate(timeout=60)
         assert "the embedding program fails" in m1err

@@ -321,7 +321,7 @@ class AttachedProcess(ManagedProcess):
 
     async def _op_move(
         self, triples: Sequence[int], zap: tuple[int, int] | None = None
-    ) -> tuple[Sequence[int], int]:
+    ) -> tuple[Sequence[int], int, int]:
         moved: list[int] = []
         skipped = 0
         todo = []
@@ -350,7 +350,7 @@ class AttachedProcess(ManagedProcess):
         if not chunk:
             if zap is not None and zap[1]:
                 await self._op_dontneed(list(zap))
-            return moved, skipped
+            return moved, skipped, 0
         blob = b"".join(MOVE_STRUCT.pack(d, s, n, MOVE_ALLOW_SRC_HOLES, 0) for s, d, n in chunk)
         await anyio.to_thread.run_sync(write_memory, self.pid, [(self.ctl, len(blob))], blob)
         calls: list[tuple[int, ...]] = []
@@ -374,7 +374,7 @@ class AttachedProcess(ManagedProcess):
             if done:
                 moved += [s_, done]
             skipped += (n_ - done) // PAGE  # refused pages stay; the next round retries
-        return moved, skipped
+        return moved, skipped, 0
 
     async def _op_dontneed(self, ranges: list[int]) -> None:
         calls = [(NR_MADVISE, ranges[i], ranges[i + 1], 4) for i in range(0, len(ranges), 2)]

@@ -221,7 +221,10 @@ class ManagedProcess:
         self.agent_tid = 0
         self._sock = sock
         self._seq = 0
-        self._replies: dict[int, tuple[anyio.Event, list[P.Msg]]] = {}
+        self._replies: dict[int, tuple[anyio.Event, list[P.Msg], int]] = {}
+        #: the agent answered M_DETACH: it let go of its uffd and of the page table it
+        #: kept (the table's store references are nobody's once our table goes)
+        self.given_back = False
         self._evict_lock = anyio.Lock()
         self._fenced = 0
         self._scope: anyio.CancelScope | None = None
@@ -274,7 +277,7 @@ class ManagedProcess:
         seq = self._seq
         ev = anyio.Event()
         box: list[P.Msg] = []
-        self._replies[seq] = (ev, box)
+        self._replies[seq] = (ev, box, type)
         try:
             await P.send(
                 self._sock,
@@ -299,12 +302,16 @@ class ManagedProcess:
         slot = self._replies.get(msg.seq)
         if slot is None:
             return
+        if slot[2] == P.M_DETACH and msg.a >= 0:
+            # (noted here, as it is read: the connection's end may retire the process
+            # before the task that asked resumes)
+            self.given_back = True
         slot[1].append(msg)
         slot[0].set()
 
     def _fail_replies(self) -> None:
         self._replies_closed = True  # (nobody reads replies any more: see request)
-        for ev, _box in self._replies.values():
+        for ev, _box, _type in self._replies.values():
             ev.set()
 
     # ---- what only the process itself may do: through the agent (or, for an attached
@@ -322,8 +329,10 @@ class ManagedProcess:
 
     async def _op_move(
         self, triples: Sequence[int], zap: tuple[int, int] | None = None
-    ) -> tuple[Sequence[int], int]:
-        """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped).
+    ) -> tuple[Sequence[int], int, int]:
+        """UFFDIO_MOVE (src, dst, len) runs into the scratch area: (moved pairs, skipped,
+        -errno or 0).  An error answer still lists what moved before it: those pages are
+        in the scratch area, and the caller must read them before it raises.
         ``zap`` (start, length): a scratch range, disjoint from the destinations, whose
         pages were read already - emptied by the agent after its reply, while we read
         this batch (only with :attr:`zap_with_move`: an older agent ignores it)."""
@@ -333,9 +342,7 @@ class ManagedProcess:
         # no timeout: a MOVE the agent runs late (a stopped program) must still be waited
         # for - its pages would otherwise be moved behind the books' back
         r = await self.request(P.M_MOVE, triples, b=zs, c=zl, timeout=None)
-        if r.a < 0:
-            raise error_for(-r.a, "evict: UFFDIO_MOVE", f"pid {self.pid}")
-        return r.words, r.b
+        return r.words, r.b, min(0, r.a)
 
     async def _op_dontneed(self, ranges: list[int]) -> None:
         r = await self.request(P.M_DONTNEED, ranges)
@@ -459,7 +466,9 @@ class ManagedProcess:
             pos += n
         self._write_snapshot(scratch_runs=placed)
         try:
-            moved_words, skipped, trips = await self._move_held(e, buf, nbytes, len(placed))
+            moved_words, skipped, trips, move_err = await self._move_held(
+                e, buf, nbytes, len(placed)
+            )
             self.stats["pages_skipped"] += skipped
         except BaseException:
             # nothing was moved, or we do not know: pages still in the scratch area are
@@ -496,23 +505,26 @@ class ManagedProcess:
             await self._op_dontneed([self.scratch, used])
         self.stats["evictions"] += 1
         self.stats["pages_evicted"] += pages
+        if move_err:  # (what moved before the agent's error is evicted above)
+            raise error_for(-move_err, "evict: UFFDIO_MOVE", f"pid {self.pid}")
         return pages
 
     async def _move_held(
         self, e: CData, buf: int, nbytes: int, nplaced: int
-    ) -> tuple[Sequence[int], int, list[tuple[int, int, int]]]:
+    ) -> tuple[Sequence[int], int, list[tuple[int, int, int]], int]:
         """The agent's MOVE of this batch's HOLD rules, under a hold of the engine
         (uf_engine_hold: no event is read meanwhile, so no mapping can be replaced under
         the MOVE).  What to move is read from the rules once the hold is taken: an
         unmap or discard before it removed its pages' rule, a remap moved it - whatever
         the program mapped at an old address since is not ours and is not touched.
-        Returns (moved pairs, skipped pages, the (src, dst, len) triples moved)."""
-        from .swap import HOLD_TIMEOUT_MS
+        Returns (moved pairs, skipped pages, the (src, dst, len) triples moved, the
+        agent's -errno or 0)."""
+        from .swap import HOLD_TIMEOUT_MS, _hold_error
 
         if self._hold_for_move:
             rc = await anyio.to_thread.run_sync(lib.uf_engine_hold, e, 1, HOLD_TIMEOUT_MS)
             if rc < 0:
-                raise error_for(-rc, "evict: holding the fault engine", f"pid {self.pid}")
+                raise _hold_error(rc, self.pid)
         try:
             cap = 4 * (nplaced + 64)
             quads = ffi.new("uint64_t[]", 4 * cap)
@@ -527,9 +539,9 @@ class ManagedProcess:
                 if buf <= quads[4 * i + 3] < buf + nbytes
             ]
             if not trips:
-                return [], 0, []
-            moved, skipped = await self._op_move([w for t in trips for w in t])
-            return moved, skipped, trips
+                return [], 0, [], 0
+            moved, skipped, err = await self._op_move([w for t in trips for w in t])
+            return moved, skipped, trips, err
         finally:
             if self._hold_for_move:
                 lib.uf_engine_hold(e, 0, 0)
@@ -562,7 +574,7 @@ class ManagedProcess:
         e = self._open_uffd()._engine_handle()
         deadline = time.monotonic() + 30
         sw_all = self.manager.swap
-        sw = sw_all.procs.get(self.pid) if sw_all is not None else None
+        sw = sw_all._p(self) if sw_all is not None else None
         if sw_all is not None and sw is not None:
             while True:
                 rc = await anyio.to_thread.run_sync(lib.uf_pt_fill_all, sw.pt)
@@ -586,8 +598,10 @@ class ManagedProcess:
             await self.swap_in_all()
             with contextlib.suppress(UffdProcessGone):
                 await self.request(P.M_DETACH, timeout=30)
-            if self.manager.swap is not None:
-                self.manager.swap.let_go(self)  # (given back, or gone)
+            if self.manager.swap is not None and (self.given_back or _dead(self.pid)):
+                # (an agent that never answered may still keep the table: its pages stay
+                # for whoever serves it next)
+                self.manager.swap.let_go(self)
 
     async def _fence(self, seq: int) -> None:
         """A fork without EVENT_FORK: bring everything back and hold evictions."""
@@ -1091,7 +1105,11 @@ class Manager:
             if k.fd >= 0:
                 kept[k.a] = k.fd
         old = self.processes.get(pid)
-        if old is not None:  # exec: the old image and its mm are gone
+        if old is not None and h.flags & P.AF_RECONNECT:
+            # the same process, whose connection to us broke, calling again before we
+            # saw that connection end: stop serving it the old way first
+            await self._supersede(old)
+        elif old is not None:  # exec: the old image and its mm are gone
             self._retire(old, execed=True)
         proc = ManagedProcess(self, pid, ppid, conn)
         if len(words) >= 3:
@@ -1394,7 +1412,7 @@ class Manager:
             proc._scope.cancel()
         proc.exited = True
         if self.swap is not None:
-            if execed or _dead(proc.pid):
+            if execed or proc.given_back or _dead(proc.pid):
                 # (alive - its agent lost us - its pages wait in the store for whoever
                 # takes it over: see uf_pt_keep)
                 self.swap.let_go(proc)
@@ -1408,6 +1426,33 @@ class Manager:
             del self.processes[proc.pid]
         if self._tg is not None and proc.uffd is not None and _dead(proc.pid):
             self._tg.start_soon(self._release_uffd, proc)
+
+    async def _supersede(self, old: ManagedProcess) -> None:
+        """old's agent reconnected (AF_RECONNECT: the same mm, the same uffd) while old is
+        still served.  Its engine and its page table must be stopped before the new ones
+        start: two engines would split the uffd's messages, and the new page table is
+        taken over from the memfd the old one writes (Swap._adopt) - two tables on one
+        memfd, under two locks, would lose pages.  The old table keeps its store
+        references (uf_pt_keep): from now on they are the new table's."""
+        self._retire(old)
+        u = old.uffd
+        async with old._evict_lock:  # no batch of the old table in flight any more
+            old._fenced += 1
+            if u is None or u.closed:
+                return
+            for _ in range(3000):  # its scope is cancelled: it stops in a moment
+                if not u._serving:
+                    break
+                await anyio.sleep(0.01)
+            if u._serving:
+                raise error_for(
+                    errno.EBUSY,
+                    "reconnect",
+                    f"pid {old.pid}: its old connection's fault engine did not stop in 30 s",
+                )
+            old._final_uffd_stats = u.statistics()
+            if not u.children:  # (a fork child's uffd, closed with it, may still serve)
+                u.close()
 
     async def _release_uffd(self, proc: ManagedProcess) -> None:
         """Close the uffd of a process that exited: its engine, its page table and the store

@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from . import _constants as C
+from ._agentproto import MAXWORDS
 from ._errors import UffdError, UffdProcessGone, UffdUnsupportedError, check, error_for
 from ._lib import ffi, lib
 
@@ -291,6 +292,22 @@ HOLD_TIMEOUT_MS = 5000
 FIRST_BATCH = 256
 
 
+def _settle_all(procs: dict[int, _Proc]) -> None:
+    for p in list(procs.values()):
+        lib.uf_pt_settle(p.pt)
+
+
+def _hold_error(rc: int, pid: int) -> UffdError:
+    if rc == -errno.EINVAL:
+        return UffdError(
+            errno.EINVAL,
+            "evict",
+            f"pid {pid}: its fault engine runs inline on the event loop",
+            "eviction holds the engine, which needs its own thread: serve(thread=True)",
+        )
+    return error_for(-rc, "evict: holding the fault engine", f"pid {pid}")
+
+
 def _overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     """Whether (start, length) ranges a and b share a byte."""
     return a[0] < b[0] + b[1] and b[0] < a[0] + a[1]
@@ -430,18 +447,22 @@ class Swap:
             proc.uffd.on_event(C.Event.ERROR, self._on_engine_error)
         if isinstance(self.store, PyStore):
             proc.uffd.on_fault(self._on_fault)
-        tg = self.manager._tg if self.manager is not None else None
-        if forked and tg is not None:
+        if forked:
             # a fork child's copy of its parent's batch: pages whose put failed and that
-            # were kept for it until it had a uffd (uf_pt_settle)
-            tg.start_soon(self._settle, lib.uf_pt_ref(pt))
+            # were kept for it until it had a uffd (the rest: _settle_kept, every round)
+            lib.uf_pt_settle(pt)
 
-    @staticmethod
-    async def _settle(pt: CData) -> None:
-        try:
-            await anyio.to_thread.run_sync(lib.uf_pt_settle, pt)
-        finally:
-            lib.uf_pt_unref(pt)
+    async def _settle_kept(self) -> None:
+        """Pages whose store put failed go back to the process; those that could not be
+        copied in at once (events pending that nobody read yet - the engine held, or a
+        fork child's before it had a uffd) are kept in C, TRANSIT (their threads wait),
+        and tried here every interval, whatever the policy does."""
+        while True:
+            await anyio.sleep(max(self.interval, 0.01))
+            # (in a function of its own: no name stays bound to a table while this
+            # sleeps - a table goes with its process's last reference, and its store
+            # pages with it)
+            _settle_all(self.procs)
 
     def _adopt(self, proc: ManagedProcess, pagemap: int) -> CData:
         """Take over the page table of a process whose manager was killed, and its store
@@ -539,7 +560,7 @@ class Swap:
         never handed to a process of another user (its pages then cannot be taken over)."""
         from .manage import TAG_SWAP_FILE, TAG_SWAP_STORE, TAG_SWAP_TABLE
 
-        p = self.procs.get(proc.pid)
+        p = self._p(proc)
         if p is None:
             return []
         out = []
@@ -555,7 +576,7 @@ class Swap:
 
     def kept(self, proc: ManagedProcess) -> None:
         """proc's agent has what kept_fds gave: its pages may be evicted from now on."""
-        p = self.procs.get(proc.pid)
+        p = self._p(proc)
         if p is not None:
             p.kept = True
             # its pages outlive this manager: never freed when the table is let go while
@@ -565,7 +586,7 @@ class Swap:
     def let_go(self, proc: ManagedProcess) -> None:
         """proc exited, exec'd or was given back: its table's store references are no
         longer anybody's once the table goes."""
-        p = self.procs.get(proc.pid)
+        p = self._p(proc)
         if p is not None:
             lib.uf_pt_keep(p.pt, 0)
 
@@ -659,7 +680,7 @@ class Swap:
 
     async def swap_in_external(self, proc: ManagedProcess) -> int:
         """Bring back the pages of proc that a Python store holds (release)."""
-        p = self.procs.get(proc.pid)
+        p = self._p(proc)
         if p is None or not isinstance(self.store, PyStore):
             return 0
         out = ffi.new("uint64_t[]", 2 * 65536)
@@ -678,15 +699,22 @@ class Swap:
         """The agent thread's faults are never held at the limit (it must stay free to
         move pages out); it reads its TLS vector and the loader's link maps, which live
         in the managed heap."""
-        p = self.procs.get(proc.pid)
+        p = self._p(proc)
         if p is not None and proc.agent_tid:
             lib.uf_pt_exempt(p.pt, proc.agent_tid)
             self._kick_all()
 
+    def _p(self, proc: ManagedProcess) -> _Proc | None:
+        """proc's entry - never that of another ManagedProcess with its pid (an exec, or a
+        reconnect of the same process, retires the old one while the new one is served)."""
+        p = self.procs.get(proc.pid)
+        return p if p is not None and p.proc is proc else None
+
     def detach(self, proc: ManagedProcess) -> None:
-        p = self.procs.pop(proc.pid, None)
+        p = self._p(proc)
         if p is None:
             return
+        del self.procs[proc.pid]
         if p.staging is None:
             p.close()
         else:
@@ -780,7 +808,7 @@ class Swap:
         or the resident pages of ``victims`` ((start, length) list) when given.  Returns
         the number of pages evicted (pages the kernel refuses to move - shared after
         fork, pinned - stay resident)."""
-        p = self.procs.get(proc.pid)
+        p = self._p(proc)
         if p is None or not p.kept or proc.exited or proc.uffd is None or want <= 0:
             return 0
         if not proc.features & C.Feature.MOVE:
@@ -908,8 +936,9 @@ class Swap:
                 zap = None
             t0 = time.perf_counter()
             p.move_asked = False
-            moved_words, skipped = await self._move_held(p, scratch, zap)
-            p.zap = None
+            moved_words, skipped, move_err = await self._move_held(p, scratch, zap)
+            if not move_err:
+                p.zap = None  # (after an error answer it may not be: zapped again, harmless)
         except BaseException:
             if not p.move_asked or _dead(proc.pid):
                 # nothing was moved (or nobody is left): every page goes back to its state
@@ -966,11 +995,13 @@ class Swap:
             )
             self._error(msg)
             raise StoreFull(res.put_error, int(res.evicted))
+        if move_err:  # an answer, not a lost one: what moved before it is committed above
+            raise error_for(-move_err, "evict: UFFDIO_MOVE", f"pid {proc.pid}")
         return int(res.evicted), nxt
 
     async def _move_held(
         self, p: _Proc, scratch: int, zap: tuple[int, int] | None
-    ) -> tuple[Sequence[int], int]:
+    ) -> tuple[Sequence[int], int, int]:
         """The agent's MOVE of the batch, under a hold of the process's engine: no
         event is read meanwhile, so no mapping can be replaced under the MOVE (see
         uf_engine_hold, uf_pt_batch_triples); what to move is decided once the hold is
@@ -978,11 +1009,11 @@ class Swap:
         proc = p.proc
         assert proc.uffd is not None
         e = proc.uffd._engine_handle()
-        cap = proc.scratch_len // PAGE
+        cap = min(proc.scratch_len // PAGE, MAXWORDS // 3)  # what one MOVE message holds
         out = array.array("Q", bytes(24 * cap))
         rc = await anyio.to_thread.run_sync(lib.uf_engine_hold, e, 1, HOLD_TIMEOUT_MS)
         if rc < 0:
-            raise error_for(-rc, "evict: holding the fault engine", f"pid {proc.pid}")
+            raise _hold_error(rc, proc.pid)
         try:
             n = check(
                 lib.uf_pt_batch_triples(p.pt, scratch, ffi.from_buffer("uint64_t[]", out), cap),
@@ -991,7 +1022,7 @@ class Swap:
             if n == 0:
                 if zap is not None:
                     await self._zap(p)
-                return [], 0
+                return [], 0, 0
             p.move_asked = True
             return await proc._op_move(out[: 3 * n], zap)
         finally:
@@ -1134,6 +1165,12 @@ class Swap:
         or in ours) must not take the manager down - its programs would wait on their
         faults forever: the error is reported, the limit lifted (faults waiting at it go
         on), and the policy started again, with the limit, a second later."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._settle_kept)
+            await self._run_policy()
+            tg.cancel_scope.cancel()
+
+    async def _run_policy(self) -> None:
         while True:
             try:
                 await self.policy.run(self)

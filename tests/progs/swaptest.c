@@ -35,6 +35,7 @@
 #include <sys/mman.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define PAGE 4096
@@ -138,6 +139,27 @@ static void access_page(struct thr *th, size_t k)
 
 static void run_events(void);
 
+/* SWAPTEST_MIN_MS: the threads go on with more accesses of the same pattern after OPS
+ * until so many milliseconds have passed since they started (a test that kills the
+ * manager mid-run needs a run that is still going then, on a fast host too) */
+static uint64_t min_ns, start_ns;
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static size_t pick(struct thr *th, long i, size_t own)
+{
+	if (!strcmp(pattern, "seq"))
+		return (size_t)i % own;
+	if (!strcmp(pattern, "zipf"))
+		return mix(zipf(th, own)) % own; /* hot pages scattered, not clustered */
+	return next(th) % own;
+}
+
 static void *worker(void *arg)
 {
 	struct thr *th = arg;
@@ -145,7 +167,6 @@ static void *worker(void *arg)
 	long i;
 
 	for (i = 0; i < ops; i++) {
-		size_t k;
 		if (i == ops / 2 && *events) {
 			pthread_barrier_wait(&bar);
 			if (th->t == 0)
@@ -153,14 +174,10 @@ static void *worker(void *arg)
 			pthread_barrier_wait(&bar);
 			own = (live_pages + (size_t)nthreads - 1) / (size_t)nthreads;
 		}
-		if (!strcmp(pattern, "seq"))
-			k = (size_t)i % own;
-		else if (!strcmp(pattern, "zipf"))
-			k = (mix(zipf(th, own)) % own); /* hot pages scattered, not clustered */
-		else
-			k = next(th) % own;
-		access_page(th, k);
+		access_page(th, pick(th, i, own));
 	}
+	for (; min_ns && now_ns() - start_ns < min_ns; i++)
+		access_page(th, pick(th, i, own));
 	/* final full check of owned pages */
 	for (size_t k = 0; k < own; k++)
 		access_page(th, k);
@@ -372,6 +389,9 @@ int main(int argc, char **argv)
 			fill((uint64_t *)(buf + i * PAGE), i, 1);
 	if (getenv("SWAPTEST_PAUSE_MS")) /* idle after the fill (policies that watch stalls) */
 		usleep((useconds_t)atoi(getenv("SWAPTEST_PAUSE_MS")) * 1000);
+	if (getenv("SWAPTEST_MIN_MS"))
+		min_ns = (uint64_t)atol(getenv("SWAPTEST_MIN_MS")) * 1000000u;
+	start_ns = now_ns();
 	pthread_barrier_init(&bar, NULL, (unsigned)nthreads);
 	threads = calloc((size_t)nthreads, sizeof(*threads));
 	pthread_t *tid = calloc((size_t)nthreads, sizeof(*tid));
