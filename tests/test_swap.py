@@ -797,6 +797,54 @@ async def test_memory_store_gives_its_memory_back() -> None:
     sw.close()
 
 
+async def test_agent_reconnecting_to_its_own_manager_keeps_every_page() -> None:
+    """The agent's connection breaks (here: a message it cannot parse) and it calls the
+    same manager again at once, AF_RECONNECT, before the manager saw the old connection
+    end.  The old engine and page table stop before the new ones take the table over
+    from its memfd - the old ones must not drop the store references the new table
+    carries on, nor retire the new process from swap when the old connection ends.
+    Four rounds of evict, reconnect, read back, rewrite half; every byte checked, the
+    store's page count exact, and empty once the program exited."""
+    store = MemoryStore()
+    sw = Swap(store=store, policy="none")
+    async with Manager(swap=sw) as m:
+        size = 8 << 20
+        npages = size // PAGE
+        prog = Prog(m, size)
+        proc = await prog.spawned.process()
+        addr_s, want = (await prog.cmd("fill", 41)).split()
+        addr = int(addr_s)
+        await proc.scan()
+        for rnd in range(4):
+            assert await proc.evict([(addr, size)]) == npages, rnd
+            assert store.statistics()["pages"] == npages
+            old = proc
+            old._sock.send(b"xx")  # shorter than a header: EBADMSG, the agent calls again
+            for _ in range(2000):
+                if m.processes.get(old.pid) not in (None, old):
+                    break
+                await anyio.sleep(0.01)
+            proc = m.processes[old.pid]
+            assert proc.resumed and old.exited
+            with anyio.fail_after(20):
+                await proc._welcomed.wait()
+            assert await prog.cmd("digest") == want, rnd  # read back: CLEAN, copies stay
+            assert store.statistics()["pages"] == npages, rnd
+            await prog.cmd("write", 0, size // 2, 50 + rnd)  # half rewritten: copies drop
+            want = await prog.cmd("digest")
+            assert store.statistics()["pages"] == npages // 2, rnd
+            await proc.scan()
+        assert await prog.close() == 0
+        await prog.spawned.wait()
+        for _ in range(100):  # the exit is seen by the manager a moment later
+            gc.collect()
+            if not store.statistics()["pages"]:
+                break
+            await anyio.sleep(0.05)
+        assert store.statistics()["pages"] == 0, store.statistics()
+    sw.close()
+
+
 async def test_a_policy_that_raises_does_not_stop_the_manager() -> None:
     """A policy that raises is reported and started again; meanwhile the limit is lifted,
     so threads waiting at it go on instead of waiting for a policy that is gone."""
