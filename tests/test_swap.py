@@ -845,6 +845,40 @@ async def test_agent_reconnecting_to_its_own_manager_keeps_every_page() -> None:
     sw.close()
 
 
+@pytest.mark.parametrize("with_swap", [True, False], ids=["swap", "plain"])
+async def test_agent_error_answer_to_move_commits_what_moved(with_swap: bool) -> None:
+    """The agent answers a MOVE with an error after it moved some pages (here: the last
+    triple of the request points outside its scratch area, which it refuses).  That is an
+    answer, not a lost one: the pages it moved are committed (evicted, read back intact),
+    the error is raised, the batch is closed and the next eviction works."""
+    sw = Swap(store=MemoryStore(), policy="none") if with_swap else None
+    async with Manager(swap=sw) as m:
+        size = 4 << 20
+        prog = Prog(m, size)
+        proc = await prog.spawned.process()
+        addr_s, want = (await prog.cmd("fill", 43)).split()
+        addr = int(addr_s)
+        await proc.scan()
+        real = proc._op_move
+
+        async def bad_last(triples, zap=None):  # type: ignore[no-untyped-def]
+            bad = [int(w) for w in triples] + [addr, proc.scratch + proc.scratch_len, PAGE]
+            return await real(bad, zap)
+
+        proc._op_move = bad_last  # type: ignore[method-assign]
+        with pytest.raises(uffdio.UffdError, match="UFFDIO_MOVE"):
+            await proc.evict([(addr, size)])
+        proc._op_move = real  # type: ignore[method-assign]
+        assert sum(not x for x in present(proc.pid, addr, size // PAGE)) > 0  # some moved
+        with anyio.fail_after(30):
+            assert await prog.cmd("digest") == want  # every page back, none waits forever
+        assert await proc.evict([(addr, size)]) == size // PAGE
+        assert await prog.cmd("digest") == want
+        assert await prog.close() == 0
+    if sw is not None:
+        sw.close()
+
+
 async def test_a_policy_that_raises_does_not_stop_the_manager() -> None:
     """A policy that raises is reported and started again; meanwhile the limit is lifted,
     so threads waiting at it go on instead of waiting for a policy that is gone."""
