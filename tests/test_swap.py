@@ -662,6 +662,41 @@ async def test_python_store_put_get_discard_and_failures() -> None:
     sw.close()
 
 
+async def test_python_store_put_that_fails_after_a_fork_during_the_batch() -> None:
+    """The program forks while a batch is between its MOVE and its commit (the Python
+    store's put is running), then the put fails.  Parent and child both had the batch's
+    pages as holes: both get them back (the child's through its own uffd, on the event
+    loop - a copy that must never block it) and read every byte as it was."""
+    store = DictStore()
+    sw = Swap(store=store, policy="none")
+    async with Manager(swap=sw) as m:
+        prog = Prog(m, 4 << 20)
+        proc = await prog.spawned.process()
+        addr_s, digest = (await prog.cmd("fill", 29)).split()
+        region = [(int(addr_s), 4 << 20)]
+        await proc.scan()
+        real_put = store.put
+
+        async def put_after_fork(pages: memoryview) -> list[int]:
+            prog.popen.stdin.write("fork\n")  # the reply comes once the child has read
+            prog.popen.stdin.flush()
+            await anyio.sleep(0.5)  # forked by now; its reads wait on the batch
+            raise OSError(errno.ENOSPC, "no space (test)")
+
+        store.put = put_after_fork  # type: ignore[method-assign]
+        with pytest.raises(uffdio.UffdError, match="No space left"):
+            await proc.evict(region)
+        store.put = real_put  # type: ignore[method-assign]
+        with anyio.fail_after(30):
+            line = await anyio.to_thread.run_sync(prog.popen.stdout.readline)
+        child, status, parent = line.split()
+        assert (child, status, parent) == (digest, "0", digest)
+        assert all(present(proc.pid, int(addr_s), 1024))
+        assert await prog.cmd("digest") == digest
+        assert await prog.close() == 0
+    sw.close()
+
+
 @pytest.mark.parametrize("with_swap", [True, False], ids=["swap", "plain"])
 async def test_cancelled_evictions_lose_nothing(with_swap: bool) -> None:
     """Evictions cancelled at random moments (a policy's timeout, a task group ending):
