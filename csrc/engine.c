@@ -377,24 +377,21 @@ int uf_rules_remove(uf_engine *e, uint64_t start, uint64_t len)
  * left, or the rule was voided).  Rules moved by REMAP are found by their
  * source, not their address, which is why HOLD carries one.  Faults waiting on
  * HOLD rules are then decided again.  Returns the number of pages now BUFFER. */
-int uf_rules_settle(uf_engine *e, uint64_t buf, uint64_t buflen, const uint64_t *filled, size_t nfilled)
+/* uf_rules_settle on e->rules (rules_lock held): the pages now BUFFER, or -errno. */
+static int64_t settle_locked(uf_engine *e, uint64_t buf, uint64_t buflen, const uint64_t *filled, size_t nfilled)
 {
 	struct rule *held = NULL;
 	size_t nh = 0, i, k;
 	int64_t pages = 0;
 	int rc = 0;
-	uint64_t one = 1;
 
-	pthread_mutex_lock(&e->rules_lock);
 	for (i = 0; i < e->nrules; i++) {
 		struct rule *r = &e->rules[i];
 		if (r->kind == UF_RULE_HOLD && r->src >= buf && r->src < buf + buflen)
 			nh++;
 	}
-	if (nh && !(held = malloc(nh * sizeof(*held)))) {
-		pthread_mutex_unlock(&e->rules_lock);
+	if (nh && !(held = malloc(nh * sizeof(*held))))
 		return -ENOMEM;
-	}
 	for (i = 0, k = 0; i < e->nrules; i++) {
 		struct rule *r = &e->rules[i];
 		if (r->kind == UF_RULE_HOLD && r->src >= buf && r->src < buf + buflen)
@@ -418,13 +415,44 @@ int uf_rules_settle(uf_engine *e, uint64_t buf, uint64_t buflen, const uint64_t 
 			pages += (int64_t)((en - s) / UF_PAGE);
 		}
 	}
+	free(held);
+	return rc < 0 ? rc : pages;
+}
+
+int uf_rules_settle(uf_engine *e, uint64_t buf, uint64_t buflen, const uint64_t *filled, size_t nfilled)
+{
+	int64_t pages;
+	uint64_t one = 1;
+	size_t i;
+
+	pthread_mutex_lock(&e->rules_lock);
+	pages = settle_locked(e, buf, buflen, filled, nfilled);
+	/* The rules of children forked while the batch was in flight, kept until their
+	 * engines adopt them (the FORK message is read, its child not made yet): settled
+	 * alike - a child made after this call would otherwise keep HOLD rules that nobody
+	 * settles, and its threads would wait on them forever.  (The snapshot's array is
+	 * put in the engine's place for the call, and back.) */
+	for (i = 0; i < e->nforks && pages >= 0; i++) {
+		struct rule *r = e->rules;
+		size_t n = e->nrules, cap = e->caprules;
+		int64_t rc;
+		e->rules = e->forks[i].rules;
+		e->nrules = e->caprules = e->forks[i].n;
+		rc = settle_locked(e, buf, buflen, filled, nfilled);
+		e->forks[i].rules = e->rules;
+		e->forks[i].n = e->nrules;
+		e->rules = r;
+		e->nrules = n;
+		e->caprules = cap;
+		if (rc < 0)
+			pages = rc;
+	}
 	e->epoch++;
 	pthread_mutex_unlock(&e->rules_lock);
-	free(held);
 	if (write(e->kick_fd, &one, sizeof(one)) < 0) {
 		/* EAGAIN: a kick is already pending */
 	}
-	return rc < 0 ? rc : (int)pages;
+	return (int)pages;
 }
 
 /* Copy the rules of one kind (0: all) as (start, end, kind, src) quadruples. */
