@@ -354,6 +354,93 @@ def test_killed_manager_resumes(memtest: str, tmp_path: Path) -> None:
         first.kill()
 
 
+EVICTING_MANAGER = """
+import sys
+
+import anyio
+
+from uffdio import Manager
+
+
+async def main():
+    async with Manager(sys.argv[1]) as m:
+        pid = int(await anyio.to_thread.run_sync(sys.stdin.readline))
+        proc = await m.wait_process(pid)
+        await proc.scan()
+        print(await proc.evict(), flush=True)
+        await anyio.sleep_forever()
+
+anyio.run(main)
+"""
+
+
+@pytest.mark.parametrize("event", ["mremap", "zero"])
+def test_killed_manager_after_an_event_on_evicted_pages(tmp_path: Path, event: str) -> None:
+    """A manager evicts a region (the plain path: rules and a memfd store), the program
+    then moves it with mremap (or discards half of it), and the manager is killed.  The
+    successor rebuilds the rules from the recovery snapshot, which must say where the
+    evicted pages are now: every byte at the new address as it was (not zeros), and the
+    discarded half zeros (not its old contents)."""
+    import hashlib
+    import random
+
+    size = 4 << 20
+    sock = str(tmp_path / "m.sock")
+    m1 = subprocess.Popen(
+        [sys.executable, "-c", EVICTING_MANAGER, sock],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 20
+    while not os.path.exists(sock):
+        assert m1.poll() is None and time.monotonic() < deadline, "the manager did not start"
+        time.sleep(0.05)
+    env = dict(os.environ, UFFDIO_AGENT_SOCK=sock, LD_PRELOAD=uffdio.agent.library_path())
+    target = subprocess.Popen(
+        [sys.executable, str(PROGS / "pytarget.py"), str(size)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        bufsize=1,
+    )
+    m2 = None
+    try:
+
+        def cmd(*args: object) -> str:
+            assert target.stdin and target.stdout
+            target.stdin.write(" ".join(map(str, args)) + "\n")
+            target.stdin.flush()
+            return target.stdout.readline().strip()
+
+        _, digest = cmd("fill", 61).split()
+        data = random.Random(61).randbytes(size)
+        assert hashlib.sha256(data).hexdigest() == digest
+        assert m1.stdin and m1.stdout
+        m1.stdin.write(f"{target.pid}\n")
+        m1.stdin.flush()
+        assert int(m1.stdout.readline()) >= size // 4096  # all of it evicted
+        if event == "mremap":
+            cmd("mremap", 2 * size)  # bigger: the kernel moves it elsewhere
+            want = hashlib.sha256(data + bytes(size)).hexdigest()
+        else:
+            assert cmd("zero", 0, size // 2) == "0"
+            want = hashlib.sha256(bytes(size // 2) + data[size // 2 :]).hexdigest()
+        time.sleep(0.5)  # the event is read and recorded
+        m1.kill()
+        m1.wait()
+        m2 = subprocess.Popen(UFFDIO + ["serve", "--socket", sock], stderr=subprocess.PIPE)
+        assert cmd("digest") == want
+    finally:
+        target.kill()
+        m1.kill()
+        if m2 is not None:
+            m2.kill()
+            m2.wait()
+
+
 # ---- bad input ---------------------------------------------------------------------------
 
 

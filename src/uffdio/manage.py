@@ -226,6 +226,8 @@ class ManagedProcess:
         #: kept (the table's store references are nobody's once our table goes)
         self.given_back = False
         self._evict_lock = anyio.Lock()
+        #: the plain eviction batch in flight: (buffer, bytes) of its HOLD rules
+        self._batch_span: tuple[int, int] | None = None
         self._fenced = 0
         self._scope: anyio.CancelScope | None = None
         self._gone = anyio.Event()
@@ -464,6 +466,15 @@ class ManagedProcess:
             check(lib.uf_rules_add(e, s, n, C.RULE_HOLD, buf + pos, -1, 0, 1), "evict: hold")
             placed.append((s, n, pos))
             pos += n
+        self._batch_span = (buf, nbytes)
+        try:
+            return await self._evict_batch_held(e, buf, nbytes, placed)
+        finally:
+            self._batch_span = None
+
+    async def _evict_batch_held(
+        self, e: CData, buf: int, nbytes: int, placed: list[tuple[int, int, int]]
+    ) -> int:
         self._write_snapshot(scratch_runs=placed)
         try:
             moved_words, skipped, trips, move_err = await self._move_held(
@@ -633,13 +644,24 @@ class ManagedProcess:
 
     def _write_snapshot(self, scratch_runs: list[tuple[int, int, int]] | None = None) -> None:
         """Record this process's BUFFER rules (as store offsets) and pages in transit in a
-        memfd that the agent keeps; a restarted manager rebuilds the rules from it."""
+        memfd that the agent keeps; a restarted manager rebuilds the rules from it.  Written
+        before and after each eviction batch and after each event that moves or drops rules
+        (Manager._after_event); the pages in transit are those of scratch_runs, or else of
+        the batch in flight as its HOLD rules say now (an event may have moved them)."""
         if self.uffd is None or self.exited:
             return
         m = self.manager
         e = self.uffd._engine_handle()
         n = lib.uf_rules_count(e)
         out = ffi.new("uint64_t[]", 4 * max(1, n))
+        if scratch_runs is None and self._batch_span is not None:
+            buf, nbytes = self._batch_span
+            nh = lib.uf_rules_list(e, C.RULE_HOLD, out, n)
+            scratch_runs = [
+                (int(out[4 * i]), int(out[4 * i + 1] - out[4 * i]), int(out[4 * i + 3]) - buf)
+                for i in range(nh)
+                if buf <= out[4 * i + 3] < buf + nbytes
+            ]
         n = lib.uf_rules_list(e, C.RULE_BUFFER, out, n)
         words = array.array("Q", [SNAP_MAGIC, 0, 0])
         count = 0
@@ -1208,6 +1230,22 @@ class Manager:
     def _setup_uffd(self, u: Userfaultfd) -> None:
         u.engine_flags = C.ENGINE_DEFAULT_ZERO
         u.on_fork_child = self._on_fork_child
+        # (a fork child's uffd gets these handlers too: they look its process up)
+        for kind in (C.Event.REMAP, C.Event.UNMAP, C.Event.REMOVE):
+            u.on_event(kind, self._after_event)
+
+    async def _after_event(self, ev: Any) -> None:
+        """An event moved or dropped rules (the engine applied it in C): the recovery
+        snapshot says so at once.  A manager killed after a program's mremap of evicted
+        pages would otherwise leave its successor the rules at their old addresses - the
+        pages at the new ones would read as zeros, and memory mapped anew at the old ones
+        would get their contents.  (What stays open: the moment between the engine's read
+        of the event and this write.)"""
+        for proc in self.processes.values():
+            if proc.uffd is ev.uffd:
+                if proc._batch_span is not None or lib.uf_rules_count(proc.uffd._engine_handle()):
+                    proc._write_snapshot()
+                return
 
     async def _on_fork_child(self, child: Userfaultfd) -> None:
         """EVENT_FORK: serve the child's uffd at once (its threads fault as soon as fork()
