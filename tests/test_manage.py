@@ -289,6 +289,7 @@ def test_run_exit_status_and_missing_command() -> None:
     assert run(["run", "-q", "--", "sh", "-c", "exit 7"]).returncode == 7
     r = run(["run", "--", "/nonexistent/prog"])
     assert r.returncode != 0 and "command not found" in r.stderr
+    assert "PATH" in r.stderr and "unmapped" not in r.stderr  # the fix for this cause
     r = run(["run"])
     assert r.returncode != 0 and "no command given" in r.stderr
 

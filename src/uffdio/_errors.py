@@ -126,6 +126,10 @@ _TABLE: dict[tuple[str, int], tuple[type[UffdError], str]] = {
         "taking a file descriptor from another process needs ptrace rights over it "
         "(CAP_SYS_PTRACE or the same user with kernel.yama.ptrace_scope=0)",
     ),
+    ("spawn", _errno.ENOENT): (
+        UffdError,
+        "check the command's name and PATH (or give its full path)",
+    ),
     ("", _errno.EBADF): (UffdClosedError, "the file descriptor is closed or not a userfaultfd"),
     ("", _errno.ESRCH): (UffdProcessGone, "the process exited; nothing is left to serve"),
     ("", _errno.ENOENT): (
