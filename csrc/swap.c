@@ -2545,11 +2545,15 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 			return SWAP_PARK;
 		}
 	}
-	if (s == UF_PG_EVICTED && pt->store->kind == UF_STORE_EXTERNAL) {
+	/* A CLEAN page should be there (resident, its store copy valid).  One that is
+	 * missing - seen in a fork child, cause not yet found - is brought back from its
+	 * store copy below, which is its content by definition (never written since it was
+	 * saved: writes fault first): never a zero page.  (Counted in clean_missing.) */
+	if ((s == UF_PG_EVICTED || s == UF_PG_CLEAN) && pt->store->kind == UF_STORE_EXTERNAL) {
 		pthread_mutex_unlock(&pt->lock);
 		return SWAP_PASS; /* its owner reads it (uf_pt_install) */
 	}
-	if (s == UF_PG_EVICTED) {
+	if (s == UF_PG_EVICTED || s == UF_PG_CLEAN) {
 		uint64_t ra[UF_RA_MAX], nra = 0, i, mode;
 		int64_t got;
 		char *b = bufs;
@@ -2580,6 +2584,8 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 		{
 			uint64_t asked = mode;
 			rc = install_locked(pt, addr, v, b, asked, UFFDIO_COPY_MODE_DONTWAKE, &mode);
+			if (rc == 0 && s == UF_PG_CLEAN)
+				pt->st.clean_missing++;
 			if (asked && !mode)
 				nra = 0; /* registered without WP: read-ahead pages could not stay CLEAN */
 		}
@@ -3045,7 +3051,7 @@ int uf_pt_install(uf_pt *pt, uint64_t addr, uint64_t key, const void *data, int 
 	pthread_mutex_lock(&pt->lock);
 	e = ent_at(pt, addr, 0);
 	v = e ? *e : 0;
-	if (E_STATE(v) != UF_PG_EVICTED || E_SLOT(v) != (key << 4)) {
+	if ((E_STATE(v) != UF_PG_EVICTED && E_STATE(v) != UF_PG_CLEAN) || E_SLOT(v) != (key << 4)) {
 		pthread_mutex_unlock(&pt->lock);
 		uf_wake(pt->uffd, addr, PG);
 		return 0;

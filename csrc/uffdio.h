@@ -148,6 +148,7 @@ struct uf_pt_stats {
 		pages_out_zero, put_failures, store_errors;
 	uint64_t pages_clean, pages_transit, pages_evicted, pages_zero, table_bytes, epoch,
 		readahead_window, fault_around;
+	uint64_t clean_missing; /* CLEAN pages found missing and brought back from the store */
 	/* eviction time in C, nanoseconds: finding the moved pages in the scratch area,
 	 * reading them (process_vm_readv), storing them (compression included), deciding
 	 * every page (commit) */

@@ -63,7 +63,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("uffdio")
 PAGE = 4096
-EVICTED = 3  # page state (csrc/uffdio.h UF_PG_EVICTED)
+CLEAN = 1  # page states (csrc/uffdio.h UF_PG_*)
+EVICTED = 3
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.I)
 
 
@@ -605,7 +606,8 @@ class Swap:
             addr = f.address & ~(PAGE - 1)
             reported = False
             while True:
-                if lib.uf_pt_state(pt, addr, slot) != EVICTED:
+                # (CLEAN too: a CLEAN page found missing comes back from its store copy)
+                if lib.uf_pt_state(pt, addr, slot) not in (EVICTED, CLEAN):
                     lib.uf_wake(batch.uffd.fileno(), addr, PAGE)  # decided meanwhile
                     break
                 key = int(slot[0]) >> 4
@@ -1085,6 +1087,7 @@ class Swap:
                 "epoch",
                 "readahead_window",
                 "fault_around",
+                "clean_missing",
                 "ns_find",
                 "ns_read",
                 "ns_put",
@@ -1123,6 +1126,8 @@ class Swap:
             "pages_swapped_in": tot.get("swapins", 0),
             "pages_read_ahead": tot.get("readahead", 0),
             "pages_fault_around": tot.get("fault_around", 0),
+            # CLEAN pages found missing (should not happen; brought back from the store)
+            "pages_clean_missing": tot.get("clean_missing", 0),
             "pages_in_store": tot.get("pages_evicted", 0),
             "faults": {
                 "swap_in": tot.get("swapins", 0) - tot.get("readahead", 0),
