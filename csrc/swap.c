@@ -2468,16 +2468,18 @@ static int first_touch_locked(uf_pt *pt, uint64_t addr, uint64_t fa_end, uint64_
 static int install_locked(uf_pt *pt, uint64_t addr, uint64_t v, const void *data, uint64_t mode,
 			  uint64_t extra, uint64_t *mode_out)
 {
-	uint64_t done = 0, *e;
-	int rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, mode | extra, &done);
+	uint64_t done = 0, eexist = 0, *e;
+	int rc = uf_copy_all_counted(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, mode | extra, &done, &eexist);
 
 	if (rc == -EINVAL && mode) {
 		mode = 0;
-		rc = uf_copy_all(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, extra, &done);
+		rc = uf_copy_all_counted(pt->uffd, addr, (uint64_t)(uintptr_t)data, PG, extra, &done, &eexist);
 	}
 	*mode_out = mode;
 	if (rc)
 		return rc;
+	if (eexist && E_STATE(v) == UF_PG_CLEAN)
+		return -EEXIST; /* there already (a second thread's fault on it): as it was */
 	e = ent_at(pt, addr, 0);
 	if (mode) {
 		ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_CLEAN, pt->epoch));
@@ -2545,10 +2547,12 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 			return SWAP_PARK;
 		}
 	}
-	/* A CLEAN page should be there (resident, its store copy valid).  One that is
-	 * missing - seen in a fork child, cause not yet found - is brought back from its
-	 * store copy below, which is its content by definition (never written since it was
-	 * saved: writes fault first): never a zero page.  (Counted in clean_missing.) */
+	/* A CLEAN page is resident, its store copy valid: a MISSING fault on one is
+	 * mostly a second thread's fault on a page the first one's brought back (the copy
+	 * finds it there: nothing changes).  One that is really missing - not seen to
+	 * happen - is brought back from its store copy below, which is its content by
+	 * definition (never written since it was saved: writes fault first), never as a
+	 * zero page (counted in clean_missing). */
 	if ((s == UF_PG_EVICTED || s == UF_PG_CLEAN) && pt->store->kind == UF_STORE_EXTERNAL) {
 		pthread_mutex_unlock(&pt->lock);
 		return SWAP_PASS; /* its owner reads it (uf_pt_install) */
