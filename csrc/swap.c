@@ -2570,18 +2570,25 @@ int uf_swap_fault(uf_pt *pt, struct uf_msg *m, void *bufs, int *what, uint64_t f
 			return rc;
 		}
 		/* read-ahead: after a sequential fault, bring the next evicted pages too; the
-		 * window doubles while the pattern holds and closes on a random fault */
-		if (pt->last_fault && (vpn == pt->last_fault + 1 || (vpn > pt->last_fault && vpn <= pt->last_fault + pt->ra_window + 1)))
-			pt->ra_window = pt->ra_window ? (pt->ra_window * 2 > UF_RA_MAX ? UF_RA_MAX : pt->ra_window * 2) : 2;
-		else
-			pt->ra_window = 0;
-		for (i = 1; i <= pt->ra_window; i++) {
-			uint64_t w = ent_get(pt, addr + i * PG);
-			if (E_STATE(w) != UF_PG_EVICTED)
-				break;
-			if (uf_store_get(pt->store, E_SLOT(w), b + i * PG) < 0)
-				break;
-			ra[nra++] = w;
+		 * window doubles while the pattern holds and closes on a random fault.  (Not
+		 * for a CLEAN page: mostly a second thread's fault on a page already back, which
+		 * says nothing of the access pattern.) */
+		if (s == UF_PG_EVICTED) {
+			if (pt->last_fault && (vpn == pt->last_fault + 1 ||
+					       (vpn > pt->last_fault && vpn <= pt->last_fault + pt->ra_window + 1)))
+				pt->ra_window = pt->ra_window ? (pt->ra_window * 2 > UF_RA_MAX ? UF_RA_MAX
+											: pt->ra_window * 2)
+							      : 2;
+			else
+				pt->ra_window = 0;
+			for (i = 1; i <= pt->ra_window; i++) {
+				uint64_t w = ent_get(pt, addr + i * PG);
+				if (E_STATE(w) != UF_PG_EVICTED)
+					break;
+				if (uf_store_get(pt->store, E_SLOT(w), b + i * PG) < 0)
+					break;
+				ra[nra++] = w;
+			}
 		}
 		/* read faults install write-protected and keep the store copy (CLEAN) */
 		mode = (pt->wp && !wr) ? UFFDIO_COPY_MODE_WP : 0;
@@ -2845,7 +2852,8 @@ static int cmp_pair(const void *a, const void *b)
  * a valid store copy with one process_vm_readv into buf (batch offsets), and commit.
  * -EIO (nothing committed) when the read failed: the batch stays open (its pages sit
  * in the scratch area, their faults wait) and the caller retries or reports it; only
- * when the process is gone does it commit an empty batch.  *scratch_used: bytes of scratch that may hold pages. */
+ * when the process is gone does it commit an empty batch.  *scratch_used: bytes of
+ * scratch that may hold pages. */
 int uf_pt_collect(uf_pt *pt, int pid, int pagemap_fd, uint64_t scratch, const uint64_t *moved,
 		  size_t nmoved, uint64_t buf, struct uf_commit *res, uint64_t *scratch_used)
 {

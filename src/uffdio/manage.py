@@ -1473,46 +1473,38 @@ class Manager:
         memfd, under two locks, would lose pages.  The old table keeps its store
         references (uf_pt_keep): from now on they are the new table's."""
         self._retire(old)
-        u = old.uffd
-        async with old._evict_lock:  # no batch of the old table in flight any more
-            old._fenced += 1
-            if u is None or u.closed:
-                return
-            for _ in range(3000):  # its scope is cancelled: it stops in a moment
+        if not await self._release_uffd(old, wait=30.0):
+            raise error_for(
+                errno.EBUSY,
+                "reconnect",
+                f"pid {old.pid}: its old connection's fault engine did not stop in 30 s",
+            )
+
+    async def _release_uffd(self, proc: ManagedProcess, wait: float = 5.0) -> bool:
+        """Close the uffd of a process that exited (or whose old connection a reconnect
+        superseded): its engine, its page table and the store pages it held go with it (a
+        long-running manager must not keep them until it stops).  Its counters are kept
+        for statistics().  Not while the uffd still carries fork-event uffds of children
+        (closing it would close theirs).  A page table that outlives the engine (a
+        parent's list of children forked during a batch) is unbound from its fds in C.
+        Returns False when its engine was still serving after ``wait`` seconds."""
+        u = proc.uffd
+        if u is None or u.closed:
+            return True
+        # no eviction may hold its engine or page table now, nor start later
+        async with proc._evict_lock:
+            proc._fenced += 1
+            for _ in range(int(wait * 100)):  # its serving task was cancelled: it stops soon
                 if not u._serving:
                     break
                 await anyio.sleep(0.01)
             if u._serving:
-                raise error_for(
-                    errno.EBUSY,
-                    "reconnect",
-                    f"pid {old.pid}: its old connection's fault engine did not stop in 30 s",
-                )
-            old._final_uffd_stats = u.statistics()
-            if not u.children:  # (a fork child's uffd, closed with it, may still serve)
-                u.close()
-
-    async def _release_uffd(self, proc: ManagedProcess) -> None:
-        """Close the uffd of a process that exited: its engine, its page table and the store
-        pages it held go with it (a long-running manager must not keep them until it stops).
-        Its counters are kept for statistics().  Not while the uffd still carries fork-event
-        uffds of children (closing it would close theirs).  A page table that outlives the
-        engine (a parent's list of children forked during a batch) is unbound from its fds
-        in C."""
-        u = proc.uffd
-        if u is None or u.closed:
-            return
-        # no eviction may hold its engine or page table now, nor start later
-        async with proc._evict_lock:
-            proc._fenced += 1
-            for _ in range(500):  # the serving task was cancelled: it stops in a moment
-                if not u._serving:
-                    break
-                await anyio.sleep(0.01)
-            if u._serving or u.children or u.closed:
-                return  # left for the manager's own close
+                return False
+            if u.children or u.closed:
+                return True  # left for the manager's own close
             proc._final_uffd_stats = u.statistics()
             u.close()
+            return True
 
     # ---- the store ------------------------------------------------------------------------
 
