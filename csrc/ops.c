@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/uio.h>
@@ -106,6 +107,47 @@ int uf_wake(int fd, uint64_t start, uint64_t len)
 	struct uffdio_range r = { .start = start, .len = len };
 
 	return ioctl(fd, UFFDIO_WAKE, &r) < 0 ? neg_errno() : 0;
+}
+
+/* Whether the process a uffd belongs to still has its memory: 1 yes, 0 no (it exited
+ * or exec'd: its mm is gone), or -errno.  The probe is a UFFDIO_COPY whose source page
+ * cannot be read (PROT_NONE in our own memory).  The kernel looks the mm up first
+ * (-ESRCH when it is gone) and only then the destination: no registered range there
+ * gives -ENOENT; a registered one fails on the source (-EFAULT) before anything is
+ * installed, and nothing is woken (DONTWAKE).  So the target is never touched, wherever
+ * the destination falls.  Measured on
+ * 6.18: alive -ENOENT / -EFAULT, exited -ESRCH. */
+int uf_mm_alive(int fd)
+{
+	static void *unreadable; /* one page for the process's life */
+	void *p = __atomic_load_n(&unreadable, __ATOMIC_ACQUIRE);
+	struct uffdio_copy c;
+	int r;
+
+	if (!p) {
+		void *q = mmap(NULL, UF_PAGE, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), *none = NULL;
+		if (q == MAP_FAILED)
+			return neg_errno();
+		if (!__atomic_compare_exchange_n(&unreadable, &none, q, 0, __ATOMIC_ACQ_REL,
+						 __ATOMIC_ACQUIRE)) {
+			munmap(q, UF_PAGE); /* another thread made one first */
+			q = none;
+		}
+		p = q;
+	}
+	memset(&c, 0, sizeof(c));
+	c.dst = 1ULL << 30;
+	c.src = (uint64_t)(uintptr_t)p;
+	c.len = UF_PAGE;
+	c.mode = UFFDIO_COPY_MODE_DONTWAKE;
+	if (ioctl(fd, UFFDIO_COPY, &c) == 0)
+		return 1; /* cannot happen (the source is unreadable); alive all the same */
+	r = neg_errno();
+	if (r == -ESRCH)
+		return 0;
+	/* anything else (-EINVAL: a file mapping registered there, say) proves the mm was
+	 * found; only a bad fd is an error */
+	return r == -EBADF || r == -ENOTTY ? r : 1;
 }
 
 /* For the fill ioctls the kernel writes bytes done (> 0) or -errno into the

@@ -130,17 +130,20 @@ int64_t uf_threads_check(uint64_t addr, uint64_t len, uint64_t seed, int nthread
 	return bad;
 }
 
-/* fork; the child checks the range and exits 0 when every word is right,
- * 1 otherwise; the parent waits and returns the child's status code. */
-int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed)
+/* fork; the child sleeps delay_ms, checks the range and exits 0 when every word
+ * is right, 1 otherwise; the parent waits and returns the child's status code. */
+int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed, uint32_t delay_ms)
 {
 	int st;
 	pid_t pid = fork();
 
 	if (pid < 0)
 		return -errno;
-	if (pid == 0)
+	if (pid == 0) {
+		if (delay_ms)
+			usleep(delay_ms * 1000);
 		_exit(uf_check(addr, len, seed) == 0 ? 0 : 1);
+	}
 	if (waitpid(pid, &st, 0) < 0)
 		return -errno;
 	return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);

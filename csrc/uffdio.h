@@ -51,6 +51,7 @@ int uf_move(int fd, uint64_t dst, uint64_t src, uint64_t len, uint64_t mode, int
 int uf_poison(int fd, uint64_t start, uint64_t len, uint64_t mode, int64_t *updated);
 int uf_writeprotect(int fd, const uint64_t *ranges, size_t nranges, uint64_t mode, size_t *done);
 int64_t uf_read_msgs(int fd, struct uf_msg *out, size_t max);
+int uf_mm_alive(int fd); /* 1: its process's memory exists, 0: gone (exited, exec'd) */
 
 /* Resolution helpers used by both Python and the engine.  They finish a
  * multi-page operation across partial progress and pages that are already
@@ -245,7 +246,7 @@ void uf_fill(uint64_t addr, uint64_t len, uint64_t seed);
 void uf_pattern(uint64_t buf, uint64_t len, uint64_t seed, uint64_t as_addr);
 int64_t uf_check(uint64_t addr, uint64_t len, uint64_t seed);
 int64_t uf_threads_check(uint64_t addr, uint64_t len, uint64_t seed, int nthreads);
-int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed);
+int uf_fork_check(uint64_t addr, uint64_t len, uint64_t seed, uint32_t delay_ms);
 uint64_t uf_mmap_anon(uint64_t len);
 uint64_t uf_mmap_shared_pair(uint64_t len, uint64_t *alias_out);
 uint64_t uf_mremap(uint64_t old, uint64_t oldlen, uint64_t newlen);

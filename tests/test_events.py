@@ -61,6 +61,7 @@ async def test_fork_child_is_served(target, thread, how):
     forks: list[uffdio.ForkEvent] = []
     served: list[tuple[uffdio.Userfaultfd, int]] = []
     with u:
+        u.child_check_interval = 0  # the child stays in u.children after it exited
         if how == "rule":
             u.resolver.buffer(addr, data)
         else:
@@ -108,6 +109,37 @@ async def test_fork_child_is_served(target, thread, how):
             assert parent_pages == pages(addr, 0, n)
             assert cst["forwarded"] == cst["faults"] == 3 * n // 4
     assert child.closed  # closing the parent closes the uffds of its children
+
+
+@pytest.mark.asyncio
+async def test_fork_child_uffd_is_closed_once_the_child_is_gone(target):
+    """child_check_interval: the child sleeps, then checks every byte through its uffd,
+    which is served whatever the looks at its process (about 25) said meanwhile.  Once it
+    exited, its uffd is closed and leaves u.children; its counters stay readable; the
+    parent is still served."""
+    n = 64
+    seed = 12
+    addr, u = events_managed(target, n)
+    data = pattern(addr, n * PAGE, seed)
+    forks: list[uffdio.ForkEvent] = []
+    with u:
+        u.child_check_interval = 0.02
+        u.resolver.buffer(addr, data)
+
+        @u.on_event(Event.FORK)
+        async def on_fork(ev):
+            forks.append(ev)
+
+        with anyio.fail_after(45):
+            async with u.serving(thread=True):
+                assert await acmd(target, "fork", addr, n * PAGE, seed, 500) == [0]
+                await until(lambda: forks, "the ForkEvent handler")
+                child = forks[0].child
+                await until(lambda: child.closed, "the exited child's uffd closed")
+                assert u.children == []
+                assert child.statistics()["resolved"] == n
+                assert await acmd(target, "check", addr, n * PAGE, seed) == [0]
+        assert u.statistics()["resolved"] == n
 
 
 @pytest.mark.asyncio

@@ -668,6 +668,40 @@ def test_run_releases_descendants_that_outlive_the_command(tmp_path: Path) -> No
     assert res.read_text() == "ok"
 
 
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+async def test_fork_event_uffds_of_children_that_never_said_hello_are_closed_when_they_exit() -> (
+    None
+):
+    """Children made by _Fork (no agent runs in them, so they never say hello) are served
+    by their fork-event uffd, with the rules and page table their parent had: alive, they
+    read the parent's evicted data, however many times the manager looked for gone ones
+    meanwhile.  Once they exited, their uffds, engine threads and page tables are closed
+    (before, they stayed until the manager ended)."""
+    async with Manager() as m:
+        m.orphan_interval = 0.05
+        prog = Prog(m, 4 << 20)
+        proc = await prog.spawned.process()
+        await prog.cmd("fill", 21)
+        want = await prog.cmd("digest")
+        threads = _threads()
+        await proc.evict()
+        assert (await prog.cmd("rawfork", 4, 0.5)).split() == ["0"] * 4
+        deadline = time.monotonic() + 10
+        while m.statistics()["orphans"]:
+            assert time.monotonic() < deadline, m.statistics()
+            await anyio.sleep(0.05)
+        assert m.statistics()["orphans_reaped"] == 4
+        assert _threads() <= threads
+        assert await prog.cmd("digest") == want
+        # a child forked the usual way afterwards is matched and reads the data
+        child_digest, status, parent_digest = (await prog.cmd("fork")).split()
+        assert status == "0" and child_digest == parent_digest
+        assert await prog.close() == 0
+
+
 async def test_children_forked_together_are_each_matched() -> None:
     """Eight children forked back to back while pages are evicted: each reads the parent's
     data and each is matched to its own uffd (none left unmanaged)."""

@@ -832,6 +832,34 @@ async def test_memory_store_gives_its_memory_back() -> None:
     sw.close()
 
 
+async def test_store_pages_of_children_that_never_said_hello_go_when_they_exit() -> None:
+    """Children made by _Fork never say hello: their fork-event uffds keep a copy of the
+    parent's page table, and with it the store copies of the pages evicted before the
+    fork.  Alive, they read them; once they exited, the copies go (before, they stayed until
+    the manager ended)."""
+    store = MemoryStore()
+    sw = Swap(store=store, policy="none")
+    async with Manager(swap=sw) as m:
+        m.orphan_interval = 0.05
+        size = 4 << 20
+        prog = Prog(m, size)
+        proc = await prog.spawned.process()
+        addr_s, _ = (await prog.cmd("fill", 29)).split()
+        await proc.scan()
+        assert await proc.evict([(int(addr_s), size)]) == size // PAGE
+        assert (await prog.cmd("rawfork", 2, 0.3)).split() == ["0"] * 2
+        await prog.cmd("write", 0, size, 5)  # the parent's own copies are dropped
+        want = await prog.cmd("digest")
+        deadline = time.monotonic() + 10
+        while store.statistics()["pages"]:
+            assert time.monotonic() < deadline, (store.statistics(), m.statistics()["orphans"])
+            await anyio.sleep(0.05)
+        assert m.statistics()["orphans_reaped"] == 2
+        assert await prog.cmd("digest") == want
+        assert await prog.close() == 0
+    sw.close()
+
+
 async def test_agent_reconnecting_to_its_own_manager_keeps_every_page() -> None:
     """The agent's connection breaks (here: a message it cannot parse) and it calls the
     same manager again at once, AF_RECONNECT, before the manager saw the old connection

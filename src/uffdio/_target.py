@@ -75,7 +75,8 @@ def _serve_commands() -> int:  # runs in the target process
             elif cmd == "threads":
                 reply = [lib.uf_threads_check(args[0], args[1], args[2], args[3])]
             elif cmd == "fork":
-                reply = [lib.uf_fork_check(args[0], args[1], args[2])]
+                delay = args[3] if len(args) > 3 else 0  # ms the child waits first
+                reply = [lib.uf_fork_check(args[0], args[1], args[2], delay)]
             elif cmd == "mremap":
                 reply = [lib.uf_mremap(args[0], args[1], args[2])]
             elif cmd == "madvise":

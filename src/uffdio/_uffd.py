@@ -357,6 +357,11 @@ class Userfaultfd:
         #: uffd's task group; whoever sets it serves the child (uffdio's manager does, so a
         #: child outlives its parent's server)
         self.on_fork_child: Callable[[Userfaultfd], Awaitable[None]] | None = None
+        #: seconds between looks, while a fork child's uffd is served in this uffd's task
+        #: group, at whether the child's process is gone (exited or exec'd): its uffd is
+        #: then closed and leaves ``children`` (its statistics stay readable); 0: children
+        #: stay until this uffd is closed.  Forked children inherit it.
+        self.child_check_interval = 1.0
         self._thread_mode = False
         self._thread_mode_hint: bool | None = None
         self._pending: FaultBatch | None = None
@@ -366,6 +371,8 @@ class Userfaultfd:
         self._event_handlers: dict[Event, list[EventHandler]] = {}
         self._children: list[Userfaultfd] = []
         self._stats_py = {"batches_py": 0, "faults_py": 0, "events_py": 0, "eagain_retries": 0}
+        #: the engine's counters when it was freed (statistics() of a closed uffd)
+        self._final_engine_stats: dict[str, int] | None = None
         self.engine_error: UffdError | None = None
 
     # ---- creation ---------------------------------------------------------------------------
@@ -513,6 +520,7 @@ class Userfaultfd:
             child.close()
         self._children.clear()
         if self._engine is not None:
+            self._final_engine_stats = self._engine_stats()
             lib.uf_engine_free(self._engine)
             self._engine = None
         if self._fd >= 0:
@@ -712,6 +720,15 @@ class Userfaultfd:
         _check_range(start, length, "UFFDIO_WAKE")
         check(lib.uf_wake(self.fileno(), start, length), "UFFDIO_WAKE", f"{start:#x}+{length:#x}")
 
+    def mm_alive(self) -> bool:
+        """Whether the process this uffd serves still has its memory.  False once it
+        exited or exec'd (nothing can fault on this uffd any more: close it).  The probe
+        never touches the target: a UFFDIO_COPY from an unreadable page, which the kernel
+        refuses with ESRCH when the mm is gone, and otherwise before installing anything."""
+        rc = lib.uf_mm_alive(self.fileno())
+        check(rc, "userfaultfd", "probing its process")
+        return rc == 1
+
     def read_nowait(self, max_msgs: int = 64) -> list[tuple[int, int, int, int]]:
         """read() raw messages as (event, a, b, c) tuples, bypassing the engine (for tools that
         poll the uffd themselves).  Returns [] when none is pending."""
@@ -859,13 +876,17 @@ class Userfaultfd:
     def statistics(self) -> dict[str, int]:
         """Counters of the engine (C) and the dispatcher (Python)."""
         out: dict[str, int] = dict(self._stats_py)
-        out.update(dict.fromkeys(_ENGINE_STATS, 0))
-        if self._engine is not None:
-            st = ffi.new("struct uf_engine_stats *")
-            lib.uf_engine_get_stats(self._engine, st)
-            for name in _ENGINE_STATS:
-                out[name] = int(getattr(st, name))
+        out.update(self._engine_stats() or self._final_engine_stats or {})
+        for name in _ENGINE_STATS:
+            out.setdefault(name, 0)
         return out
+
+    def _engine_stats(self) -> dict[str, int] | None:
+        if self._engine is None:
+            return None
+        st = ffi.new("struct uf_engine_stats *")
+        lib.uf_engine_get_stats(self._engine, st)
+        return {name: int(getattr(st, name)) for name in _ENGINE_STATS}
 
     async def serve(
         self,
@@ -1029,12 +1050,13 @@ class Userfaultfd:
                 check(lib.uf_rules_adopt_fork(ce, self._engine, a & 0xFFFFFFFF), "resolver.copy")
             child.resolver._keep = self.resolver._keep
             child._thread_mode_hint = self._thread_mode
+            child.child_check_interval = self.child_check_interval
             event = ForkEvent(self, child)
             if self.on_fork_child is not None:
                 await self.on_fork_child(child)
             else:
                 self._children.append(child)
-                await tg.start(child._serve_child)
+                await tg.start(child._serve_child, self)
         elif ev == Event.REMAP:
             event = RemapEvent(self, a, b, c)
         elif ev == Event.REMOVE:
@@ -1061,8 +1083,30 @@ class Userfaultfd:
         if isinstance(event, ErrorEvent) and not handlers and event.what == C.FAIL_READ:
             raise event.error
 
-    async def _serve_child(self, task_status: anyio.abc.TaskStatus[None]) -> None:
-        await self.serve(thread=self._thread_mode_hint, task_status=task_status)
+    async def _serve_child(
+        self, parent: Userfaultfd, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        """Serve a fork child's uffd (in the parent's serving task group) until that ends,
+        or until the child's process is gone and so are the children it forked (they are
+        served in this one's task group): then close it, which frees its engine and its
+        copy of the rules.  Nothing can fault on the uffd of a gone process."""
+        async with anyio.create_task_group() as tg:
+            await tg.start(functools.partial(self.serve, thread=self._thread_mode_hint))
+            task_status.started()
+            while True:
+                await anyio.sleep(self.child_check_interval or 3600)
+                if not self.child_check_interval or self._children:
+                    continue
+                try:
+                    if self.mm_alive():
+                        continue
+                except UffdError:
+                    continue
+                tg.cancel_scope.cancel()
+                break
+        with contextlib.suppress(ValueError):
+            parent._children.remove(self)
+        self.close()
 
     @property
     def children(self) -> list[Userfaultfd]:

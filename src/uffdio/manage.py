@@ -912,6 +912,14 @@ class Manager:
         self._arena_by_ino: dict[int, Arena] = {self.arena.ino: self.arena}
         self._extents: list[_Extent] = []
         self._orphans: list[_Orphan] = []
+        #: orphans whose process is gone, being stopped and closed (_reap_orphans)
+        self._reaping: list[_Orphan] = []
+        #: how many _pair calls run (no orphan is closed under one)
+        self._pairing = 0
+        #: seconds between looks for orphans whose process is gone
+        self.orphan_interval = 1.0
+        #: fork-event uffds closed because their process was gone before its hello
+        self.orphans_reaped = 0
         self._new_process = anyio.Event()
         self._lsock: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -968,6 +976,7 @@ class Manager:
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self._accept_loop)
+        self._tg.start_soon(self._reap_orphans)
         if self.swap is not None:
             self.swap.manager = self
             self._tg.start_soon(self.swap.run)
@@ -1003,7 +1012,7 @@ class Manager:
             if self._own_dir:
                 with contextlib.suppress(OSError):
                     os.rmdir(self._own_dir)
-        for o in self._orphans:
+        for o in self._orphans + self._reaping:
             o.uffd.close()
         for p in self.history:
             if p.uffd is not None:
@@ -1265,6 +1274,42 @@ class Manager:
         with scope:
             await u.serve(thread=True, task_status=task_status)
 
+    async def _reap_orphans(self) -> None:
+        """Close the fork-event uffds of children that are gone before their agent said
+        hello: a grandchild that exits at once, a child that exec'd (its new image says
+        hello with a uffd of its own).  Their engine threads and the page tables they hold,
+        and with those the store pages of memory evicted before the fork, would otherwise
+        stay until the manager ends.  Only a uffd whose memory the kernel says is gone
+        (Userfaultfd.mm_alive) is closed: nothing can fault on it any more.  A child that
+        lives keeps its uffd, however long its hello takes."""
+        while True:
+            await anyio.sleep(self.orphan_interval)
+            if self._pairing or not self._orphans:
+                continue
+            # (no await from here to the cancels: a _pair that starts later does not see them)
+            dead = []
+            for o in self._orphans:
+                try:
+                    if not o.uffd.mm_alive():
+                        dead.append(o)
+                except UffdError as exc:
+                    log.debug("fork-event uffd: %s", exc)
+            for o in dead:
+                self._orphans.remove(o)
+                self._reaping.append(o)
+                o.scope.cancel()
+            for o in dead:
+                for _ in range(500):
+                    if not o.uffd._serving:
+                        break
+                    await anyio.sleep(0.01)
+                if o.uffd._serving:
+                    log.warning("a fork-event uffd's engine did not stop; it is closed at exit")
+                    continue
+                self._reaping.remove(o)
+                o.uffd.close()
+                self.orphans_reaped += 1
+
     async def _pair(self, proc: ManagedProcess) -> _Orphan | None:
         """Find which fork-event uffd belongs to ``proc``.  For each candidate: pick a page
         of proc's scratch area that is missing in proc, write a fresh token page there
@@ -1272,6 +1317,13 @@ class Manager:
         puts it where proc sees it.  proc's page is read only when the page map says it is
         present, so a wrong candidate never faults a page in (which would make the right
         one's copy fail with EEXIST later)."""
+        self._pairing += 1
+        try:
+            return await self._pair_once(proc)
+        finally:
+            self._pairing -= 1
+
+    async def _pair_once(self, proc: ManagedProcess) -> _Orphan | None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for o in list(self._orphans):
@@ -1587,6 +1639,8 @@ class Manager:
         total["refused"] = [{"pid": pid, "reason": r} for pid, r in self.refused]
         total["store_bytes"] = sum(a.used_bytes for a in self._arenas)
         total["recovered_pages"] = self.recovered_pages
+        total["orphans_reaped"] = self.orphans_reaped
+        total["orphans"] = len(self._orphans)
         total["per_process"] = procs
         return total
 

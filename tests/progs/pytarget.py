@@ -107,6 +107,22 @@ def main() -> None:
                     os._exit(0 if ok else 1)
                 pids.append(pid)
             reply = " ".join(str(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])) for p in pids)
+        elif cmd == "rawfork":  # N children by glibc's _Fork: the agent's fork() is not run,
+            # so they never say hello (as children of raw clone() in Go or a JIT); each
+            # waits SECONDS, checks the data, and exits
+            n, wait = int(a[0]), float(a[1])
+            want = hashlib.sha256(r.bytes()).hexdigest()
+            libc._Fork.restype = ctypes.c_int
+            pids = []
+            for _ in range(n):
+                pid = libc._Fork()
+                if pid == 0:
+                    import time
+
+                    time.sleep(wait)
+                    os._exit(0 if hashlib.sha256(r.bytes()).hexdigest() == want else 1)
+                pids.append(pid)
+            reply = " ".join(str(os.waitstatus_to_exitcode(os.waitpid(p, 0)[1])) for p in pids)
         elif cmd == "rss":
             reply = next(x.split()[1] for x in open("/proc/self/status") if x.startswith("VmRSS"))
         elif cmd == "agent":
