@@ -547,6 +547,18 @@ int uf_rules_adopt_fork(uf_engine *dst, uf_engine *src, int child_fd)
 	return rc < 0 ? rc : 1;
 }
 
+/* Fork snapshots read with their FORK event and not yet taken by the child's engine
+ * (uf_rules_adopt_fork). */
+size_t uf_engine_nforks(uf_engine *e)
+{
+	size_t n;
+
+	pthread_mutex_lock(&e->rules_lock);
+	n = e->nforks;
+	pthread_mutex_unlock(&e->rules_lock);
+	return n;
+}
+
 size_t uf_rules_overlapping(uf_engine *e, uint64_t start, uint64_t len)
 {
 	size_t i, n = 0;

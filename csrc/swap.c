@@ -3256,13 +3256,78 @@ static void remap_finish(uf_pt *pt)
 	h->remap_len = 0;
 }
 
+/* The batch in flight of a table whose collect will never come (lock held; the lock
+ * is let go around each store put, so every entry is looked at again after it): each
+ * TRANSIT page is decided from the page map of the process that owns the table.  Mapped
+ * there: NONE.  In its scratch area (moved there before its manager died, or before it
+ * was forked from a parent that died): read, stored, EVICTED.  Nowhere: a clean page is
+ * EVICTED (its store copy is the page), another is NONE (a hole, never there to move).
+ * A page discarded meanwhile is dropped.  -ESRCH when the page map cannot be read. */
+static int recover_batch_locked(uf_pt *pt, int pid, int pagemap_fd, char *buf, uint64_t *out)
+{
+	uint64_t scratch = pt->th->scratch;
+
+	FOR_BATCH_PAGES(pt, idx, a0) {
+		uint64_t a = translate(pt, a0), *e = ent_at(pt, a, 0), v, h = 0, src = scratch + idx * PG;
+		int m;
+		if (!e || E_STATE(*e) != UF_PG_TRANSIT)
+			continue;
+		v = *e;
+		if (v & E_DROPPED) {
+			ent_swap(pt, e, 0);
+			out[3]++;
+			continue;
+		}
+		m = pm_mapped(pagemap_fd, a);
+		if (m < 0)
+			return -ESRCH;
+		if (m) {
+			ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+			out[2]++;
+			continue;
+		}
+		m = scratch ? pm_mapped(pagemap_fd, src) : 0;
+		if (m < 0)
+			return -ESRCH;
+		if (!m) {
+			if (E_SLOT(v)) {
+				/* (counted with the evicted pages by whoever counts those) */
+				ent_set(pt, e, E_MAKE(E_SLOT(v), UF_PG_EVICTED, E_STAMP(v)));
+			} else {
+				ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
+				out[2]++;
+			}
+			continue;
+		}
+		struct iovec l = { buf, PG }, r = { (void *)(uintptr_t)src, PG };
+		if (process_vm_readv(pid, &l, 1, &r, 1, 0) != (ssize_t)PG)
+			continue; /* it keeps waiting (out[4]) */
+		if (is_zero(buf)) {
+			ent_swap(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
+		} else {
+			pthread_mutex_unlock(&pt->lock); /* store_put_pages takes the store lock */
+			int64_t got = store_put_pages(pt->store, buf, NULL, 1, &h);
+			pthread_mutex_lock(&pt->lock);
+			if (got != 1)
+				continue; /* full: it keeps waiting (out[4]) */
+			e = ent_at(pt, a, 0);
+			if (!e || *e != v) {
+				/* an event changed it meanwhile (a served table): it decides */
+				pt_drop_handle(pt, h);
+				continue;
+			}
+			ent_swap(pt, e, E_MAKE(h, UF_PG_EVICTED, E_STAMP(v)));
+		}
+		out[1]++;
+	}
+	return 0;
+}
+
 /* Make an adopted table true again (before it serves anything; the process may run,
  * but a missing page stays missing until served and a present one stays present until
  * its REMOVE/UNMAP event is read, so what the page map says holds).  The dead manager
  * may have stopped anywhere:
- *  - a page of the batch in flight is back in the program (not moved, or copied back):
- *    NONE; moved and still in the scratch area: read from there into the store,
- *    EVICTED; discarded by the program meanwhile: dropped;
+ *  - the batch in flight: recover_batch_locked;
  *  - an EVICTED or ZERO page that is present was installed just before the end: NONE;
  *  - a CLEAN page that is not present is EVICTED (its store copy is the page);
  *  - a TRANSIT page found nowhere keeps waiting (reported in out[4]; no zeros).
@@ -3270,7 +3335,7 @@ static void remap_finish(uf_pt *pt)
  * dropped, [4] left waiting, [5] clean.  Returns 0 or -errno (the process is gone). */
 int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
 {
-	uint64_t scratch = pt->th->scratch, *pm = malloc(LEAF_N * 8);
+	uint64_t *pm = malloc(LEAF_N * 8);
 	char *buf = aligned_alloc(PG, PG);
 	size_t i, j;
 	int rc = 0;
@@ -3285,55 +3350,9 @@ int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
 	remap_finish(pt); /* a remap the dead manager was applying */
 	pthread_mutex_unlock(&pt->lock);
 	pthread_mutex_lock(&pt->lock);
-	FOR_BATCH_PAGES(pt, idx, a0) {
-		uint64_t a = translate(pt, a0), *e = ent_at(pt, a, 0), v, h = 0, src = scratch + idx * PG;
-		int m;
-		if (!e || E_STATE(*e) != UF_PG_TRANSIT)
-			continue;
-		v = *e;
-		if (v & E_DROPPED) {
-			ent_swap(pt, e, 0);
-			out[3]++;
-			continue;
-		}
-		m = pm_mapped(pagemap_fd, a);
-		if (m < 0) {
-			rc = -ESRCH;
-			goto done;
-		}
-		if (m) {
-			ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
-			out[2]++;
-			continue;
-		}
-		m = scratch ? pm_mapped(pagemap_fd, src) : 0;
-		if (m < 0)
-			continue; /* cannot tell: the pass below decides */
-		if (!m) {
-			/* neither in the program nor in the scratch area (or the MOVE was never
-			 * asked for): a hole, never there to move - zeros, as before */
-			if (!E_SLOT(v)) {
-				ent_swap(pt, e, E_MAKE(0, UF_PG_NONE, E_STAMP(v)));
-				out[2]++;
-			}
-			continue; /* (a clean one: the pass below makes it EVICTED) */
-		}
-		struct iovec l = { buf, PG }, r = { (void *)(uintptr_t)src, PG };
-		if (process_vm_readv(pid, &l, 1, &r, 1, 0) != (ssize_t)PG)
-			continue;
-		if (is_zero(buf)) {
-			ent_swap(pt, e, E_MAKE(0, UF_PG_ZERO, E_STAMP(v)));
-		} else {
-			pthread_mutex_unlock(&pt->lock); /* store_put_pages takes the store lock */
-			int64_t got = store_put_pages(pt->store, buf, NULL, 1, &h);
-			pthread_mutex_lock(&pt->lock);
-			if (got != 1)
-				continue; /* full: it keeps waiting (out[4]) */
-			e = ent_at(pt, a, 0);
-			ent_swap(pt, e, E_MAKE(h, UF_PG_EVICTED, E_STAMP(v)));
-		}
-		out[1]++;
-	}
+	rc = recover_batch_locked(pt, pid, pagemap_fd, buf, out);
+	if (rc < 0)
+		goto done;
 	for (i = 0; i < pt->ntab; i++) {
 		uint64_t base;
 		if (!pt->tab[i].key)
@@ -3380,4 +3399,85 @@ done:
 	free(pm);
 	free(buf);
 	return rc;
+}
+
+/* The batch in flight of a fork child's table whose parent died before it read the
+ * batch's pages: the child, forked after they were moved, has them in its own copy of
+ * the scratch area.  Decides every TRANSIT page from the child's page map (see
+ * recover_batch_locked) while its engine serves it, closes the batch and lets the
+ * threads waiting on those pages look again.  Only for a table whose batch nobody else
+ * will commit (the parent's commit settles its children itself).  out as for
+ * uf_pt_recover.  Returns 0, or -errno (-ESRCH: the child is gone too). */
+int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
+{
+	char *buf = aligned_alloc(PG, PG);
+	int rc;
+
+	memset(out, 0, 6 * sizeof(uint64_t));
+	if (!buf)
+		return -ENOMEM;
+	pthread_mutex_lock(&pt->lock);
+	if (!pt->batch) {
+		pthread_mutex_unlock(&pt->lock);
+		free(buf);
+		return 0;
+	}
+	rc = recover_batch_locked(pt, pid, pagemap_fd, buf, out);
+	if (rc == 0) {
+		FOR_BATCH_PAGES(pt, idx, a0) {
+			uint64_t *e = ent_at(pt, translate(pt, a0), 0);
+			(void)idx;
+			if (e && E_STATE(*e) == UF_PG_TRANSIT)
+				out[4]++;
+		}
+		if (!out[4]) {
+			pt->batch = 0;
+			pt->nruns = 0;
+			pt->nlog = 0;
+			persist_batch(pt, 0);
+		}
+	}
+	pthread_mutex_unlock(&pt->lock);
+	free(buf);
+	kick(pt);
+	return rc < 0 ? rc : out[4] ? -EAGAIN : 0;
+}
+
+/* The tables forked from pt while its batch was in flight, and theirs (breadth first),
+ * each with a reference of its own for the caller (uf_pt_unref).  Returns how many
+ * there are (at most max are written). */
+int64_t uf_pt_kid_list(uf_pt *pt, uf_pt **out, size_t max)
+{
+	size_t n = 0, i, j;
+	uf_pt *k;
+
+	pthread_mutex_lock(&pt->lock);
+	for (i = 0; i < pt->nkids; i++) {
+		if (n < max)
+			out[n] = uf_pt_ref(pt->kids[i]);
+		n++;
+	}
+	pthread_mutex_unlock(&pt->lock);
+	for (i = 0; i < n && i < max; i++) {
+		k = out[i];
+		pthread_mutex_lock(&k->lock);
+		for (j = 0; j < k->nkids; j++) {
+			if (n < max)
+				out[n] = uf_pt_ref(k->kids[j]);
+			n++;
+		}
+		pthread_mutex_unlock(&k->lock);
+	}
+	return (int64_t)n;
+}
+
+/* Whether pt has a batch in flight (1) or not (0). */
+int uf_pt_batch_open(uf_pt *pt)
+{
+	int b;
+
+	pthread_mutex_lock(&pt->lock);
+	b = pt->batch;
+	pthread_mutex_unlock(&pt->lock);
+	return b;
 }

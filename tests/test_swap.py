@@ -942,6 +942,57 @@ async def test_agent_error_answer_to_move_commits_what_moved(with_swap: bool) ->
         sw.close()
 
 
+@pytest.mark.parametrize("with_swap", [True, False], ids=["swap", "plain"])
+async def test_parent_exiting_between_move_and_read_leaves_its_child_every_page(
+    with_swap: bool, tmp_path: Path
+) -> None:
+    """A program forks during an eviction batch, after the MOVE, and exits before the
+    manager read the moved pages (a daemon's fork).  The child has them in its own copy of
+    the scratch area: it reads every page of the parent's data, none as zeros (it did
+    before: the batch was closed without its pages)."""
+    sw = Swap(store=MemoryStore(), policy="none") if with_swap else None
+    async with Manager(swap=sw) as m:
+        size = 4 << 20
+        prog = Prog(m, size)
+        proc = await prog.spawned.process()
+        addr_s, _ = (await prog.cmd("fill", 47)).split()
+        addr = int(addr_s)
+        want = await prog.cmd("digest")
+        await proc.scan()
+        result = tmp_path / "child"
+        owner = sw if sw is not None else proc
+        real = owner._move_held
+        child: list[int] = []
+
+        async def move_then_fork_and_exit(*args):  # type: ignore[no-untyped-def]
+            out = await real(*args)
+            owner._move_held = real  # type: ignore[method-assign]
+            child.append(int(await prog.cmd("forkexit", want, result)))
+            for _ in range(2000):  # its agent said hello and it was paired
+                if any(q.pid == child[0] for q in m.processes.values()):
+                    break
+                await anyio.sleep(0.01)
+            with anyio.fail_after(20):
+                await prog.spawned.wait()
+            return out
+
+        owner._move_held = move_then_fork_and_exit  # type: ignore[method-assign]
+        with pytest.raises(uffdio.UffdError):
+            await proc.evict([(addr, size)])
+        assert child
+        for _ in range(600):
+            if result.exists() and result.read_text():
+                break
+            await anyio.sleep(0.05)
+        assert result.read_text() == "ok"
+        if sw is not None:
+            assert sw.statistics()["pages_rescued"] > 0
+        else:
+            assert m.statistics()["pages_rescued"] > 0
+    if sw is not None:
+        sw.close()
+
+
 async def test_a_policy_that_raises_does_not_stop_the_manager() -> None:
     """A policy that raises is reported and started again; meanwhile the limit is lifted,
     so threads waiting at it go on instead of waiting for a policy that is gone."""

@@ -228,6 +228,9 @@ class ManagedProcess:
         self._evict_lock = anyio.Lock()
         #: the plain eviction batch in flight: (buffer, bytes) of its HOLD rules
         self._batch_span: tuple[int, int] | None = None
+        #: the scratch area was not emptied when the connection started (see
+        #: _inherits_batch): it is before the first batch
+        self._scratch_dirty = False
         self._fenced = 0
         self._scope: anyio.CancelScope | None = None
         self._gone = anyio.Event()
@@ -416,8 +419,12 @@ class ManagedProcess:
             )
         total = 0
         async with self._evict_lock:
-            if self._fenced:
+            if self._fenced or self._inherits_batch():
+                # (HOLD rules outside a batch of its own: a batch of its parent's, which it
+                # was forked during - settled by the parent in a moment, or read from this
+                # process's scratch area, which its own batch must not overwrite meanwhile)
                 return 0
+            await self._empty_scratch()
             if ranges is None:
                 await self.scan()
             runs = await anyio.to_thread.run_sync(
@@ -495,20 +502,23 @@ class ManagedProcess:
                     filled.append((dst - self.scratch + (lo - src), hi - lo))
         filled.sort()
         if filled:
-            # Read only the scratch pages that are present: a hole there was a hole in the
-            # source (never touched: zeros, which the fresh store extent already holds), and
-            # reading it would fault - a wait on our own engine, forever if the process
-            # died meanwhile.
-            present = await anyio.to_thread.run_sync(
-                self.present_ranges, [(self.scratch + o, n) for o, n in filled]
-            )
-            local = [(buf + (a - self.scratch), n) for a, n in present]
-            remote = list(present)
-            got = await anyio.to_thread.run_sync(_readv, self.pid, local, remote) if remote else 0
-            want = sum(n for _, n in present)
-            if got != want:
-                self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
-                raise error_for(errno.EIO, "evict: process_vm_readv", f"read {got} of {want} bytes")
+            err = None
+            for attempt in range(3):
+                err = await _read_scratch(self, self.scratch, buf, filled)
+                if err is None or _dead(self.pid):
+                    break
+                await anyio.sleep(0.01 * (attempt + 1))
+            if err is not None:
+                if _dead(self.pid) and self._kids_hold(buf, nbytes):
+                    # children forked during the batch have its pages (see _rescue_batch)
+                    assert self.manager._tg is not None
+                    self.manager._tg.start_soon(self._rescue_batch, buf, nbytes, filled)
+                elif _dead(self.pid):
+                    self._settle(buf, nbytes, [])  # nobody is left
+                # else: the holds stay (the pages are in the scratch area: their threads
+                # wait - a settle without them would give zeros) until a successor
+                # recovers them from the snapshot written with the batch
+                raise err
         pages = self._settle(buf, nbytes, filled)
         self._write_snapshot()
         used = max((o + n for o, n in filled), default=0)
@@ -557,13 +567,71 @@ class ManagedProcess:
             if self._hold_for_move:
                 lib.uf_engine_hold(e, 0, 0)
 
+    def _inherits_batch(self) -> bool:
+        """Whether an eviction batch of the parent's, forked during it, is still open in
+        this process's books: a HOLD rule (plain path) or its page table's batch."""
+        if self.uffd is None or self.uffd.closed:
+            return False
+        sw = self.manager.swap._p(self) if self.manager.swap is not None else None
+        if sw is not None:
+            return bool(lib.uf_pt_batch_open(sw.pt))
+        return _holds_into(self.uffd._engine_handle(), 0, 1 << 64)
+
+    async def _empty_scratch(self) -> None:
+        """Before a batch (evict lock held): empty the scratch area if the connection's
+        start left it (see _inherits_batch)."""
+        if self._scratch_dirty:
+            await self.request(P.M_DONTNEED, [self.scratch, self.scratch_len])
+            self._scratch_dirty = False
+
+    def _kids_hold(self, buf: int, nbytes: int) -> bool:
+        """Whether the engine of a process other than this one (a fork child, paired or
+        not) has HOLD rules of the batch at buf - or may get them: a fork snapshot of
+        this process's engine that no child's engine has taken yet."""
+        own = self.uffd._engine if self.uffd is not None and not self.uffd.closed else None
+        if own is not None and lib.uf_engine_nforks(own):
+            return True
+        return any(_holds_into(e, buf, nbytes) for e in self._engines() if e != own)
+
+    async def _rescue_batch(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> None:
+        """This process died between its batch's MOVE and the read of the moved pages.
+        Children it forked meanwhile have them in their own copies of the scratch area (a
+        page shared with a child cannot be moved, so each moved page went before the
+        fork), and HOLD rules of the batch (their threads wait on its pages).  Settling
+        the batch without the pages would give those children zeros: read them from the
+        first child that is served with a pid, then settle every engine.  While one of
+        them lives and none is served yet, wait; once none holds the batch, it is done."""
+        m = self.manager
+        while True:
+            if not self._kids_hold(buf, nbytes):
+                return
+            for q in list(m.processes.values()):
+                if q is self or q.uffd is None or q.uffd.closed or q.exited:
+                    continue
+                if not _holds_into(q.uffd._engine_handle(), buf, nbytes):
+                    continue
+                if await _read_scratch(q, self.scratch, buf, filled) is None:
+                    self._settle(buf, nbytes, filled)
+                    m.pages_rescued += sum(n for _, n in filled) // PAGE
+                    for r in list(m.processes.values()):
+                        if r.uffd is not None and not r.uffd.closed:
+                            r._write_snapshot()
+                    log.info(
+                        "pid %d exited during an eviction batch: its pages were read from"
+                        " pid %d, forked during it",
+                        self.pid,
+                        q.pid,
+                    )
+                    return
+            await anyio.sleep(0.05)
+
     def _settle(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> int:
         flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
         for i, (o, n) in enumerate(filled):
             flat[2 * i] = o
             flat[2 * i + 1] = n
         pages = 0
-        own = self.uffd._engine_handle() if self.uffd is not None else None
+        own = self.uffd._engine if self.uffd is not None else None  # (None once closed)
         for eng in self._engines():
             rc = lib.uf_rules_settle(eng, buf, nbytes, flat, len(filled))
             if eng == own:
@@ -832,6 +900,41 @@ def _normalize(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
     return out
 
 
+def _holds_into(e: CData, buf: int, nbytes: int) -> bool:
+    """Whether engine e has a HOLD rule whose data would go to [buf, buf + nbytes)."""
+    cap = 256
+    while True:
+        quads = ffi.new("uint64_t[]", 4 * cap)
+        n = lib.uf_rules_list(e, C.RULE_HOLD, quads, cap)
+        if any(buf <= quads[4 * i + 3] < buf + nbytes for i in range(min(n, cap))):
+            return True
+        if n < cap:
+            return False
+        cap *= 4
+
+
+async def _read_scratch(
+    proc: ManagedProcess, scratch: int, buf: int, filled: list[tuple[int, int]]
+) -> UffdError | None:
+    """Read the moved pieces ``filled`` ((offset, length) in the batch) from proc's
+    scratch area into the batch's store extent at buf.  Only the pages that are present:
+    a hole there was a hole in the source (never touched: zeros, which the fresh extent
+    already holds), and reading it would fault - a wait on our own engine, forever if the
+    process died meanwhile.  Returns the error, or None."""
+    try:
+        present = await anyio.to_thread.run_sync(
+            proc.present_ranges, [(scratch + o, n) for o, n in filled]
+        )
+        local = [(buf + (a - scratch), n) for a, n in present]
+        got = await anyio.to_thread.run_sync(_readv, proc.pid, local, present) if present else 0
+    except UffdError as exc:
+        return exc
+    want = sum(n for _, n in present)
+    if got != want:
+        return error_for(errno.EIO, "evict: process_vm_readv", f"read {got} of {want} bytes")
+    return None
+
+
 def _readv(pid: int, local: list[tuple[int, int]], remote: list[tuple[int, int]]) -> int:
     """process_vm_readv between manager addresses and remote ranges, both as (addr, len)."""
     return check(
@@ -920,6 +1023,9 @@ class Manager:
         self.orphan_interval = 1.0
         #: fork-event uffds closed because their process was gone before its hello
         self.orphans_reaped = 0
+        #: pages of a batch whose process died before reading them, read from a child
+        #: forked during it (plain path; see ManagedProcess._rescue_batch)
+        self.pages_rescued = 0
         self._new_process = anyio.Event()
         self._lsock: socket.socket | None = None
         self._tg: anyio.abc.TaskGroup | None = None
@@ -1408,9 +1514,14 @@ class Manager:
                     if proc.resumed:
                         await proc._recover_finish()
                     # empty the scratch area: a paired child's probe page, or a copy of
-                    # pages its parent was evicting when it forked (their rules are settled)
+                    # pages its parent was evicting when it forked - unless that batch is
+                    # still open: should the parent die before reading it, this copy is
+                    # the only one (see _rescue_batch); then before its first batch
                     async with proc._evict_lock:  # never under a MOVE in flight
-                        await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
+                        if proc._inherits_batch():
+                            proc._scratch_dirty = True
+                        else:
+                            await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
                     await proc.scan()
                     proc._write_snapshot()
                     if proc.resumed:
@@ -1641,6 +1752,7 @@ class Manager:
         total["recovered_pages"] = self.recovered_pages
         total["orphans_reaped"] = self.orphans_reaped
         total["orphans"] = len(self._orphans)
+        total["pages_rescued"] = self.pages_rescued
         total["per_process"] = procs
         return total
 

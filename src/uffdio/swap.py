@@ -395,6 +395,12 @@ class Swap:
         #: staging buffers (one per eviction in progress, kept for the next: a fresh one
         #: would cost a page fault per page)
         self._stagings: list[mmap.mmap] = []
+        #: tables of fork children whose parent died with a batch between its MOVE and
+        #: its read (by address): each gets the batch's pages from its own process's
+        #: scratch area (_rescue_kids); value: (table, when it was last seen served)
+        self._rescues: dict[int, tuple[CData, float]] = {}
+        #: pages of such batches read from a child's scratch area
+        self.pages_rescued = 0
         #: stores of a killed manager whose processes were taken over (by inode)
         self.adopted_stores: dict[int, Store] = {}
         #: what taking over from a killed manager found (see _adopt)
@@ -464,6 +470,60 @@ class Swap:
             # sleeps - a table goes with its process's last reference, and its store
             # pages with it)
             _settle_all(self.procs)
+            if self._rescues:
+                await self._rescue_kids()
+
+    def _abandon_batch(self, p: _Proc, buf: int, res: CData, empty: CData) -> None:
+        """p's process died between its batch's MOVE and the read of the moved pages.
+        Children it forked meanwhile have those pages - in their own copies of the
+        scratch area, since a page shared with a child cannot be moved - and their
+        tables have the batch open (their threads wait on its pages).  Committing it
+        empty would turn those pages into zeros in every child.  Instead each child's
+        table reads them from its own process once that is served (uf_pt_rescue, from
+        _settle_kept); the parent's batch is never committed.  With no such child the
+        batch is closed: nobody is left to read it."""
+        n = lib.uf_pt_kid_list(p.pt, ffi.NULL, 0)
+        if n <= 0:
+            lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            return
+        arr = ffi.new("uf_pt *[]", n)
+        got = min(int(lib.uf_pt_kid_list(p.pt, arr, n)), n)
+        now = time.monotonic()
+        for i in range(got):
+            key = int(ffi.cast("uintptr_t", arr[i]))
+            if key in self._rescues:
+                lib.uf_pt_unref(arr[i])  # (a reference of its own per call)
+            else:
+                self._rescues[key] = (ffi.gc(arr[i], lib.uf_pt_unref), now)
+        log.info(
+            "pid %d exited during an eviction batch: %d children forked meanwhile read its"
+            " pages from their own scratch area",
+            p.proc.pid,
+            got,
+        )
+
+    async def _rescue_kids(self) -> None:
+        """Each child table of an abandoned batch (see _abandon_batch) whose process is
+        served, with a pid and a page map: decide the batch's pages from that process.
+        One not served for 60 s (no agent, or gone before its hello) is let go - when its
+        process is gone, its uffd is closed by the manager anyway (_reap_orphans)."""
+        served = {int(ffi.cast("uintptr_t", q.pt)): q for q in self.procs.values()}
+        out = ffi.new("uint64_t[6]")
+        now = time.monotonic()
+        for key, (pt, seen) in list(self._rescues.items()):
+            q = served.get(key)
+            if q is None or q.pagemap < 0 or q.proc.exited:
+                if now - seen > 60:
+                    del self._rescues[key]
+                continue
+            self._rescues[key] = (pt, now)
+            rc = await anyio.to_thread.run_sync(lib.uf_pt_rescue, pt, q.proc.pid, q.pagemap, out)
+            self.pages_rescued += int(out[1])
+            if rc == -errno.EAGAIN:
+                continue  # pages it could not read or store yet wait: again next round
+            del self._rescues[key]
+            if rc < 0 and rc != -errno.ESRCH:
+                self._error(f"pid {q.proc.pid}: rescuing its parent's batch: {os.strerror(-rc)}")
 
     def _adopt(self, proc: ManagedProcess, pagemap: int) -> CData:
         """Take over the page table of a process whose manager was killed, and its store
@@ -834,8 +894,11 @@ class Swap:
             ncand = len(victims)
         total = 0
         async with proc._evict_lock:
-            if proc._fenced:
+            if proc._fenced or lib.uf_pt_batch_open(p.pt):
+                # (open: its parent's batch, forked during it - committed by the parent
+                # in a moment, or being rescued from this process's scratch area)
                 return 0
+            await proc._empty_scratch()
             cap = proc.scratch_len // PAGE - 1  # the last scratch page is the pairing probe
             halves = proc.zap_with_move and cap >= 64
             if halves:
@@ -942,9 +1005,11 @@ class Swap:
             if not move_err:
                 p.zap = None  # (after an error answer it may not be: zapped again, harmless)
         except BaseException:
-            if not p.move_asked or _dead(proc.pid):
-                # nothing was moved (or nobody is left): every page goes back to its state
+            if not p.move_asked:
+                # nothing was moved: every page goes back to its state
                 lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
+            elif _dead(proc.pid):
+                self._abandon_batch(p, buf, res, empty)
             # else the MOVE was asked for and its answer is lost (the agent's connection
             # went, or we are ending): pages may sit in the scratch area.  The batch stays
             # open - their faults wait, nothing reads zeros - and is repaired from the
@@ -981,7 +1046,7 @@ class Swap:
             # agent's connection went, or we are ending - while it lives, and its pages
             # are in the scratch area: the batch stays open for whoever serves it next)
             if _dead(proc.pid):
-                lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)  # nobody is left
+                self._abandon_batch(p, buf, res, empty)
             raise error_for(-rc, "evict: reading the moved pages", f"pid {proc.pid}")
         ph["collect"] += time.perf_counter() - t1
         if used[0]:
@@ -1154,6 +1219,9 @@ class Swap:
             "rounds": self.rounds,
             "policy_failures": self.policy_failures,
             "recovered": dict(self.recovered),
+            # pages of a batch whose process died before reading them, read by children
+            # forked during it from their own scratch areas (see _abandon_batch)
+            "pages_rescued": self.pages_rescued,
             "evict_seconds": {
                 **{k: round(v, 4) for k, v in self.evict_seconds.items()},
                 # the C side of "collect": finding the moved pages in the scratch area,
