@@ -668,6 +668,29 @@ def test_run_releases_descendants_that_outlive_the_command(tmp_path: Path) -> No
     assert res.read_text() == "ok"
 
 
+def test_recovery_snapshots_are_taken_only_whole() -> None:
+    """The two snapshot memfds are written in place, in turn: a successor takes the whole
+    one with the higher number, so a manager killed in the middle of a write leaves the
+    other one.  A snapshot of a manager from before (one memfd each) counts as number 0."""
+    import array
+
+    from uffdio.manage import SNAP_MAGIC, SNAP_MAGIC2, _parse_snapshot
+
+    body = [0x1000, 0x3000, 7, 0x40, 0x5000, 0x6000, 7, 0x80]
+    new = array.array("Q", [SNAP_MAGIC2, 2, (9 + sum(body)) % (1 << 64), 9, *body]).tobytes()
+    got = _parse_snapshot(new)
+    assert got is not None and got[0] == 9 and list(got[1]) == body
+    assert _parse_snapshot(new + b"stale tail of a longer one") is not None
+    assert _parse_snapshot(new[:-8]) is None  # torn: an entry missing
+    torn = bytearray(new)
+    torn[-8:] = bytes(8)  # torn: the last entry not written yet
+    assert _parse_snapshot(bytes(torn)) is None
+    assert _parse_snapshot(b"") is None
+    old = array.array("Q", [SNAP_MAGIC, 2, sum(body) % (1 << 64), *body]).tobytes()
+    got = _parse_snapshot(old)
+    assert got is not None and got[0] == 0 and list(got[1]) == body
+
+
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 

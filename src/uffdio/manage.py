@@ -83,7 +83,9 @@ TAG_STATE = 2
 TAG_SWAP_TABLE = 3  # userspace swap: the process's page table (a memfd)
 TAG_SWAP_STORE = 4  # userspace swap: the store its table refers to (a memfd)
 TAG_SWAP_FILE = 5  # userspace swap: the swap file of a file store
-SNAP_MAGIC = 0x55464644494F5331  # "UFFDIOS1"
+TAG_STATE_B = 6  # the second of the two recovery snapshot memfds (see _write_snapshot)
+SNAP_MAGIC = 0x55464644494F5331  # "UFFDIOS1": a snapshot sent as a memfd of its own
+SNAP_MAGIC2 = 0x55464644494F5332  # "UFFDIOS2": written in place, with a sequence number
 SNAP_SCRATCH = 100  # snapshot entry kind: pages that sit in the scratch area
 
 
@@ -228,6 +230,11 @@ class ManagedProcess:
         self._evict_lock = anyio.Lock()
         #: the plain eviction batch in flight: (buffer, bytes) of its HOLD rules
         self._batch_span: tuple[int, int] | None = None
+        #: the two memfds that recovery snapshots are written into, in turn (the agent
+        #: keeps them: TAG_STATE, TAG_STATE_B), and the last snapshot's number
+        self._state_fds: list[int] = []
+        self._state_seq = 0
+        self._state_new = False  # made here, not yet handed to the agent
         #: the scratch area was not emptied when the connection started (see
         #: _inherits_batch): it is before the first batch
         self._scratch_dirty = False
@@ -716,7 +723,7 @@ class ManagedProcess:
         before and after each eviction batch and after each event that moves or drops rules
         (Manager._after_event); the pages in transit are those of scratch_runs, or else of
         the batch in flight as its HOLD rules say now (an event may have moved them)."""
-        if self.uffd is None or self.exited:
+        if self.uffd is None or self.exited or not self._state_fds:
             return
         m = self.manager
         e = self.uffd._engine_handle()
@@ -731,7 +738,8 @@ class ManagedProcess:
                 if buf <= out[4 * i + 3] < buf + nbytes
             ]
         n = lib.uf_rules_list(e, C.RULE_BUFFER, out, n)
-        words = array.array("Q", [SNAP_MAGIC, 0, 0])
+        self._state_seq += 1
+        words = array.array("Q", [SNAP_MAGIC2, 0, 0, self._state_seq])
         count = 0
         for i in range(n):
             start, end, _k, src = out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3]
@@ -745,37 +753,54 @@ class ManagedProcess:
             count += 1
         words[1] = count
         words[2] = sum(words[3:]) & 0xFFFFFFFFFFFFFFFF
-        fd = os.memfd_create(f"uffdio-state-{self.pid}", os.MFD_CLOEXEC)
+        # Written in place, into the older of the two memfds the agent keeps: no message
+        # (none to lose on a full socket, no fd per snapshot), and a manager killed in
+        # the middle of a write leaves the other one, one snapshot older, whole (the
+        # successor takes the valid one with the higher number).
+        data = words.tobytes()
+        fd = self._state_fds[self._state_seq & 1]
         try:
-            os.write(fd, words.tobytes())
-            # fire and forget: the agent replies, nobody waits (ordering on the socket keeps
-            # the newest snapshot last)
-            self._seq += 1
-            data = P.pack(P.M_KEEP_FD, 0, self._seq, TAG_STATE)
-            anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            self._sock.sendmsg([data], anc)
+            os.pwrite(fd, data, 0)
+            os.ftruncate(fd, len(data))
             self.stats["snapshots"] += 1
-        except (BrokenPipeError, ConnectionError):
-            pass  # the process is exiting or exec'ing: nothing left to recover
         except OSError as exc:
-            log.warning("pid %d: recovery snapshot not sent: %s", self.pid, exc)
-        finally:
-            os.close(fd)
+            log.warning("pid %d: recovery snapshot not written: %s", self.pid, exc)
 
-    def _restore(self, state_fd: int) -> int:
-        """Rebuild the rules of a process whose previous manager died (see _write_snapshot).
-        Returns pages restored; pages that were in the scratch area are returned as runs to
-        read."""
+    def _open_state(self, kept: dict[int, int]) -> None:
+        """The two snapshot memfds: the ones the agent kept (a takeover: they go on being
+        written, so no moment passes in which the agent holds only a dead manager's
+        snapshot), or new ones, which the connection's start hands to the agent."""
+        a, b = kept.pop(TAG_STATE, -1), kept.pop(TAG_STATE_B, -1)
+        if a >= 0 and b >= 0:
+            self._state_fds = [a, b]
+            return
+        for fd in (a, b):
+            if fd >= 0:
+                os.close(fd)
+        self._state_fds = [
+            os.memfd_create(f"uffdio-state-{self.pid}", os.MFD_CLOEXEC) for _ in range(2)
+        ]
+        self._state_new = True
+
+    def _close_state(self) -> None:
+        for fd in self._state_fds:
+            os.close(fd)
+        self._state_fds = []
+
+    def _restore(self, state_fds: list[int]) -> int:
+        """Rebuild the rules of a process whose previous manager died (see _write_snapshot)
+        from the valid snapshot with the highest number among ``state_fds``.  Returns pages
+        restored; pages that were in the scratch area are returned as runs to read."""
         assert self.uffd is not None
-        data = os.pread(state_fd, 1 << 30, 0)
-        words = array.array("Q")
-        words.frombytes(data[: len(data) // 8 * 8])
-        if len(words) < 3 or words[0] != SNAP_MAGIC:
+        best: tuple[int, array.array[int]] | None = None
+        for fd in state_fds:
+            got = _parse_snapshot(os.pread(fd, 1 << 30, 0))
+            if got is not None and (best is None or got[0] > best[0]):
+                best = got
+        if best is None:
             raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: no valid snapshot")
-        count = words[1]
-        body = words[3 : 3 + 4 * count]
-        if len(body) != 4 * count or (sum(body) & 0xFFFFFFFFFFFFFFFF) != words[2]:
-            raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: snapshot is damaged")
+        self._state_seq, body = best
+        count = len(body) // 4
         e = self.uffd._engine_handle()
         pages = 0
         self._recover_scratch: list[tuple[int, int, int]] = []
@@ -898,6 +923,22 @@ def _normalize(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
         elif e > s:
             out.append((s, e - s))
     return out
+
+
+def _parse_snapshot(data: bytes) -> tuple[int, array.array[int]] | None:
+    """(number, entries) of a snapshot written by _write_snapshot, or by a manager of
+    before 2026-11-27 (a memfd per snapshot: number 0); None if it is not whole."""
+    words = array.array("Q")
+    words.frombytes(data[: len(data) // 8 * 8])
+    if len(words) >= 4 and words[0] == SNAP_MAGIC2:
+        seq, body = words[3], words[4 : 4 + 4 * words[1]]
+        if len(body) == 4 * words[1] and (seq + sum(body)) & 0xFFFFFFFFFFFFFFFF == words[2]:
+            return seq, body
+    elif len(words) >= 3 and words[0] == SNAP_MAGIC:
+        body = words[3 : 3 + 4 * words[1]]
+        if len(body) == 4 * words[1] and sum(body) & 0xFFFFFFFFFFFFFFFF == words[2]:
+            return 0, body
+    return None
 
 
 def _holds_into(e: CData, buf: int, nbytes: int) -> bool:
@@ -1121,6 +1162,7 @@ class Manager:
         for o in self._orphans + self._reaping:
             o.uffd.close()
         for p in self.history:
+            p._close_state()
             if p.uffd is not None:
                 p.uffd.close()
         for ar in self._arenas:
@@ -1285,7 +1327,7 @@ class Manager:
             return None
         if h.flags & P.AF_RECONNECT:
             store = kept.get(TAG_STORE)
-            state = kept.get(TAG_STATE)
+            states = [fd for fd in (kept.get(TAG_STATE, -1), kept.get(TAG_STATE_B, -1)) if fd >= 0]
             table = kept.pop(TAG_SWAP_TABLE, -1)
             sstore, sfile = kept.pop(TAG_SWAP_STORE, -1), kept.pop(TAG_SWAP_FILE, -1)
             if table >= 0:
@@ -1307,13 +1349,14 @@ class Manager:
                     self._arena_by_ino[ino] = ar
                 else:
                     os.close(store)
-            if state is not None:
-                try:
-                    self.recovered_pages += proc._restore(state)
-                finally:
-                    os.close(state)
+            try:
+                if states:
+                    self.recovered_pages += proc._restore(states)
+            finally:
+                proc._open_state(kept)  # (takes the two state memfds over, or makes new)
             proc.resumed = True
         else:
+            proc._open_state({})
             for fd in kept.values():
                 os.close(fd)
         self._add(proc)
@@ -1503,6 +1546,11 @@ class Manager:
                 try:
                     await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
                     proc._welcomed.set()
+                    if proc._state_new:
+                        # the recovery snapshots' memfds (written in place from now on)
+                        for tag, fd in zip((TAG_STATE, TAG_STATE_B), proc._state_fds, strict=True):
+                            await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
+                        proc._state_new = False
                     if proc.uid == os.geteuid():
                         # (a store holds every process's pages: never in another user's)
                         await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, TAG_STORE), self.arena.fd)
@@ -1510,7 +1558,6 @@ class Manager:
                         # the page table and its store outlive us in the agent
                         for tag, fd in self.swap.kept_fds(proc):
                             await P.send(conn, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
-                        self.swap.kept(proc)
                     if proc.resumed:
                         await proc._recover_finish()
                     # empty the scratch area: a paired child's probe page, or a copy of
@@ -1522,6 +1569,12 @@ class Manager:
                             proc._scratch_dirty = True
                         else:
                             await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
+                    if self.swap is not None:
+                        # only now may the policy evict it: before, its evict lock was
+                        # held for the zap, which its agent answers only once its thread
+                        # runs - a policy waiting on the lock evicted nothing meanwhile,
+                        # and a thread of its waiting at the limit never got room
+                        self.swap.kept(proc)
                     await proc.scan()
                     proc._write_snapshot()
                     if proc.resumed:
@@ -1612,6 +1665,7 @@ class Manager:
         if proc._scope is not None:
             proc._scope.cancel()
         proc.exited = True
+        proc._close_state()
         if self.swap is not None:
             if execed or proc.given_back or _dead(proc.pid):
                 # (alive - its agent lost us - its pages wait in the store for whoever

@@ -760,10 +760,13 @@ class Swap:
     def exempt(self, proc: ManagedProcess) -> None:
         """The agent thread's faults are never held at the limit (it must stay free to
         move pages out); it reads its TLS vector and the loader's link maps, which live
-        in the managed heap."""
+        in the managed heap.  Until the agent thread says which it is, the process's
+        first thread is: it runs the agent's start (in a fork child, inside fork()) -
+        making the agent thread writes to the heap, and held at the limit it would never
+        make it, nor answer the manager."""
         p = self._p(proc)
-        if p is not None and proc.agent_tid:
-            lib.uf_pt_exempt(p.pt, proc.agent_tid)
+        if p is not None:
+            lib.uf_pt_exempt(p.pt, proc.agent_tid or proc.pid)
             self._kick_all()
 
     def _p(self, proc: ManagedProcess) -> _Proc | None:
