@@ -3407,13 +3407,19 @@ done:
  * recover_batch_locked) while its engine serves it, closes the batch and lets the
  * threads waiting on those pages look again.  Only for a table whose batch nobody else
  * will commit (the parent's commit settles its children itself).  out as for
- * uf_pt_recover.  Returns 0, or -errno (-ESRCH: the child is gone too). */
-int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
+ * uf_pt_recover.  The tables forked from this one during the batch are handed to the
+ * caller as the batch closes (their references in kids, their number in *nkids), to be
+ * rescued on their own: a commit of this table's own later batch must not touch them.
+ * Returns 0, -EAGAIN (pages left waiting: again later), -ENOSPC (more than maxkids
+ * children: again with room for *nkids), or -errno (-ESRCH: the child is gone too). */
+int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out, uf_pt **kids, size_t maxkids,
+		 size_t *nkids)
 {
 	char *buf = aligned_alloc(PG, PG);
 	int rc;
 
 	memset(out, 0, 6 * sizeof(uint64_t));
+	*nkids = 0;
 	if (!buf)
 		return -ENOMEM;
 	pthread_mutex_lock(&pt->lock);
@@ -3430,7 +3436,15 @@ int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
 			if (e && E_STATE(*e) == UF_PG_TRANSIT)
 				out[4]++;
 		}
-		if (!out[4]) {
+		if (!out[4] && pt->nkids > maxkids) {
+			*nkids = pt->nkids;
+			rc = -ENOSPC;
+		} else if (!out[4]) {
+			size_t i;
+			for (i = 0; i < pt->nkids; i++)
+				kids[i] = pt->kids[i];
+			*nkids = pt->nkids;
+			pt->nkids = 0;
 			pt->batch = 0;
 			pt->nruns = 0;
 			pt->nlog = 0;
@@ -3443,32 +3457,55 @@ int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out)
 	return rc < 0 ? rc : out[4] ? -EAGAIN : 0;
 }
 
-/* The tables forked from pt while its batch was in flight, and theirs (breadth first),
- * each with a reference of its own for the caller (uf_pt_unref).  Returns how many
- * there are (at most max are written). */
+/* The tables forked from pt while its batch was in flight, and theirs (breadth first).
+ * The first max are written to out, each with a reference of its own for the caller
+ * (uf_pt_unref); returns how many there are in all (call again with room for that). */
 int64_t uf_pt_kid_list(uf_pt *pt, uf_pt **out, size_t max)
 {
-	size_t n = 0, i, j;
-	uf_pt *k;
+	uf_pt **all = NULL, *k;
+	size_t n = 0, cap = 0, i, j;
 
-	pthread_mutex_lock(&pt->lock);
-	for (i = 0; i < pt->nkids; i++) {
-		if (n < max)
-			out[n] = uf_pt_ref(pt->kids[i]);
-		n++;
-	}
-	pthread_mutex_unlock(&pt->lock);
-	for (i = 0; i < n && i < max; i++) {
-		k = out[i];
+	for (i = 0; i <= n; i++) {
+		k = i ? all[i - 1] : pt;
 		pthread_mutex_lock(&k->lock);
 		for (j = 0; j < k->nkids; j++) {
-			if (n < max)
-				out[n] = uf_pt_ref(k->kids[j]);
-			n++;
+			if (n == cap) {
+				size_t nc = cap ? cap * 2 : 8;
+				uf_pt **a2 = realloc(all, nc * sizeof(*a2));
+				if (!a2)
+					break;
+				all = a2;
+				cap = nc;
+			}
+			all[n++] = uf_pt_ref(k->kids[j]);
 		}
 		pthread_mutex_unlock(&k->lock);
+		if (j < k->nkids) { /* no memory */
+			for (j = 0; j < n; j++)
+				uf_pt_unref(all[j]);
+			free(all);
+			return -ENOMEM;
+		}
 	}
+	for (i = 0; i < n; i++) {
+		if (i < max)
+			out[i] = all[i];
+		else
+			uf_pt_unref(all[i]);
+	}
+	free(all);
 	return (int64_t)n;
+}
+
+/* Whether pt is bound to a uffd (1: a process's engine serves it) or not (0). */
+int uf_pt_bound(uf_pt *pt)
+{
+	int b;
+
+	pthread_mutex_lock(&pt->lock);
+	b = pt->uffd >= 0;
+	pthread_mutex_unlock(&pt->lock);
+	return b;
 }
 
 /* Whether pt has a batch in flight (1) or not (0). */

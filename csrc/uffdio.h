@@ -193,9 +193,11 @@ int uf_pt_fd(uf_pt *pt);
 int uf_pt_store_fd(uf_pt *pt);
 uf_pt *uf_pt_adopt(uf_store *store, int fd, int *err);
 int uf_pt_recover(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out);
-int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out);
+int uf_pt_rescue(uf_pt *pt, int pid, int pagemap_fd, uint64_t *out, uf_pt **kids, size_t maxkids,
+		 size_t *nkids);
 int64_t uf_pt_kid_list(uf_pt *pt, uf_pt **out, size_t max);
 int uf_pt_batch_open(uf_pt *pt);
+int uf_pt_bound(uf_pt *pt);
 void uf_pt_abandon(uf_pt *pt);
 void uf_pt_attach(uf_pt *pt, int uffd, int kick_fd, int wp, uf_budget *budget);
 void uf_pt_tick(uf_pt *pt);

@@ -942,14 +942,16 @@ async def test_agent_error_answer_to_move_commits_what_moved(with_swap: bool) ->
         sw.close()
 
 
+@pytest.mark.parametrize("grandchild", [False, True], ids=["child", "grandchild"])
 @pytest.mark.parametrize("with_swap", [True, False], ids=["swap", "plain"])
 async def test_parent_exiting_between_move_and_read_leaves_its_child_every_page(
-    with_swap: bool, tmp_path: Path
+    with_swap: bool, grandchild: bool, tmp_path: Path
 ) -> None:
     """A program forks during an eviction batch, after the MOVE, and exits before the
     manager read the moved pages (a daemon's fork).  The child has them in its own copy of
     the scratch area: it reads every page of the parent's data, none as zeros (it did
-    before: the batch was closed without its pages)."""
+    before: the batch was closed without its pages).  So does a grandchild the child
+    forks at once (before the batch is decided: it has the batch open too)."""
     sw = Swap(store=MemoryStore(), policy="none") if with_swap else None
     async with Manager(swap=sw) as m:
         size = 4 << 20
@@ -967,7 +969,7 @@ async def test_parent_exiting_between_move_and_read_leaves_its_child_every_page(
         async def move_then_fork_and_exit(*args):  # type: ignore[no-untyped-def]
             out = await real(*args)
             owner._move_held = real  # type: ignore[method-assign]
-            child.append(int(await prog.cmd("forkexit", want, result)))
+            child.append(int(await prog.cmd("forkexit", want, result, *[1] * grandchild)))
             for _ in range(2000):  # its agent said hello and it was paired
                 if any(q.pid == child[0] for q in m.processes.values()):
                     break
@@ -980,11 +982,12 @@ async def test_parent_exiting_between_move_and_read_leaves_its_child_every_page(
         with pytest.raises(uffdio.UffdError):
             await proc.evict([(addr, size)])
         assert child
+        results = [result, Path(f"{result}.g")] if grandchild else [result]
         for _ in range(600):
-            if result.exists() and result.read_text():
+            if all(r.exists() and r.read_text() for r in results):
                 break
             await anyio.sleep(0.05)
-        assert result.read_text() == "ok"
+        assert [r.read_text() for r in results] == ["ok"] * len(results)
         if sw is not None:
             assert sw.statistics()["pages_rescued"] > 0
         else:

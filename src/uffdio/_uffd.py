@@ -1010,9 +1010,20 @@ class Userfaultfd:
             if batch is not None:
                 self._wake_batch(batch)
             if done < n and self._engine is not None:
-                rest = ffi.new("struct uf_msg[]", n - done)
-                ffi.buffer(rest)[:] = rawb[32 * done : 32 * n]
-                lib.uf_engine_unshift(self._engine, rest, n - done)
+                keep = list(range(done, n))
+                if self.on_fork_child is not None:
+                    # children of FORK messages are handed over now: served elsewhere, they
+                    # must not wait for a next server of this uffd, which a process that
+                    # is gone (a daemon's parent, exiting right after its fork) never gets
+                    forks = [i for i in keep if w[4 * i] & 0xFF == Event.FORK]
+                    with anyio.CancelScope(shield=True):
+                        for i in forks:
+                            await self.on_fork_child(self._adopt_fork(w[4 * i + 1]))
+                    keep = [i for i in keep if i not in forks]
+                if keep:
+                    rest = ffi.new("struct uf_msg[]", len(keep))
+                    ffi.buffer(rest)[:] = b"".join(rawb[32 * i : 32 * i + 32] for i in keep)
+                    lib.uf_engine_unshift(self._engine, rest, len(keep))
             raise
 
     def _wake_batch(self, batch: FaultBatch) -> None:
@@ -1040,23 +1051,16 @@ class Userfaultfd:
         self._stats_py["events_py"] += 1
         event: AnyEvent
         if ev == Event.FORK:
-            child = Userfaultfd.from_fd(a & 0xFFFFFFFF, int(self.features))
-            child.engine_flags = self.engine_flags  # before the engine is made
-            child.multishot = self.multishot
-            child._fault_handler = self._fault_handler
-            child._event_handlers = {k: list(v) for k, v in self._event_handlers.items()}
-            ce = child._engine_handle()
-            if self._engine is not None:
-                check(lib.uf_rules_adopt_fork(ce, self._engine, a & 0xFFFFFFFF), "resolver.copy")
-            child.resolver._keep = self.resolver._keep
-            child._thread_mode_hint = self._thread_mode
-            child.child_check_interval = self.child_check_interval
+            # (shielded: a child whose uffd was taken from the message but not handed over
+            # would never be served - its threads would wait for ever)
+            with anyio.CancelScope(shield=True):
+                child = self._adopt_fork(a)
+                if self.on_fork_child is not None:
+                    await self.on_fork_child(child)
+                else:
+                    self._children.append(child)
+                    await tg.start(child._serve_child, self)
             event = ForkEvent(self, child)
-            if self.on_fork_child is not None:
-                await self.on_fork_child(child)
-            else:
-                self._children.append(child)
-                await tg.start(child._serve_child, self)
         elif ev == Event.REMAP:
             event = RemapEvent(self, a, b, c)
         elif ev == Event.REMOVE:
@@ -1083,6 +1087,45 @@ class Userfaultfd:
         if isinstance(event, ErrorEvent) and not handlers and event.what == C.FAIL_READ:
             raise event.error
 
+    def _adopt_fork(self, a: int) -> Userfaultfd:
+        """The child's Userfaultfd of a FORK message (its uffd in ``a``), with this one's
+        handlers and flags and the rules (and page table) the engine kept for it."""
+        child = Userfaultfd.from_fd(a & 0xFFFFFFFF, int(self.features))
+        child.engine_flags = self.engine_flags  # before the engine is made
+        child.multishot = self.multishot
+        child._fault_handler = self._fault_handler
+        child._event_handlers = {k: list(v) for k, v in self._event_handlers.items()}
+        ce = child._engine_handle()
+        if self._engine is not None:
+            check(lib.uf_rules_adopt_fork(ce, self._engine, a & 0xFFFFFFFF), "resolver.copy")
+        child.resolver._keep = self.resolver._keep
+        child._thread_mode_hint = self._thread_mode
+        child.child_check_interval = self.child_check_interval
+        return child
+
+    async def hand_over_forks(self) -> int:
+        """Once this uffd's process is gone and it will not be served again: the FORK
+        messages its engine read that no server delivered (it stopped first) still carry
+        children's uffds.  With ``on_fork_child`` set, hand each child over (whoever set it
+        serves them); the other messages are dropped (the engine applied the events to
+        its rules as it read them; faults of a gone process are moot).  Returns how many
+        children were handed over."""
+        if self._engine is None or self.on_fork_child is None or self._serving:
+            return 0
+        buf = ffi.new("struct uf_msg[]", TAKE_MAX)
+        raw = ffi.buffer(buf)
+        handed = 0
+        while True:
+            n = lib.uf_engine_take(self._engine, buf, TAKE_MAX)
+            if not n:
+                return handed
+            w = memoryview(raw[: n * 32]).cast("Q").tolist()
+            for i in range(n):
+                if w[4 * i] & 0xFF == Event.FORK:
+                    with anyio.CancelScope(shield=True):
+                        await self.on_fork_child(self._adopt_fork(w[4 * i + 1]))
+                    handed += 1
+
     async def _serve_child(
         self, parent: Userfaultfd, task_status: anyio.abc.TaskStatus[None]
     ) -> None:
@@ -1097,6 +1140,8 @@ class Userfaultfd:
                 await anyio.sleep(self.child_check_interval or 3600)
                 if not self.child_check_interval or self._children:
                     continue
+                if self._engine is not None and lib.uf_engine_nforks(self._engine):
+                    continue  # a FORK it read is not delivered yet (a child of its own)
                 try:
                     if self.mm_alive():
                         continue

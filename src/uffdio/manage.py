@@ -238,6 +238,7 @@ class ManagedProcess:
         #: the scratch area was not emptied when the connection started (see
         #: _inherits_batch): it is before the first batch
         self._scratch_dirty = False
+        self._sweeping = False
         self._fenced = 0
         self._scope: anyio.CancelScope | None = None
         self._gone = anyio.Event()
@@ -496,6 +497,12 @@ class ManagedProcess:
             )
             self.stats["pages_skipped"] += skipped
         except BaseException:
+            if _dead(self.pid) and self._kids_hold(buf, nbytes) and self.manager._tg is not None:
+                # it died with the MOVE's answer: what moved is in the scratch areas of
+                # children forked since (every piece of the batch may have)
+                every = sorted((o, n) for _s, n, o in placed)
+                self.manager._tg.start_soon(self._rescue_batch, buf, nbytes, every)
+                raise
             # nothing was moved, or we do not know: pages still in the scratch area are
             # found there by the recovery snapshot; drop the holds that moved nothing
             self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
@@ -591,6 +598,18 @@ class ManagedProcess:
             await self.request(P.M_DONTNEED, [self.scratch, self.scratch_len])
             self._scratch_dirty = False
 
+    async def _empty_scratch_soon(self) -> None:
+        """The inherited batch closed: empty the scratch area now (Manager._sweep_scratch)
+        rather than at the next eviction, which may never come."""
+        try:
+            async with self._evict_lock:
+                if not self.exited and not self._inherits_batch():
+                    await self._empty_scratch()
+        except (UffdError, OSError) as exc:
+            log.debug("pid %d: emptying the scratch area: %s", self.pid, exc)
+        finally:
+            self._sweeping = False
+
     def _kids_hold(self, buf: int, nbytes: int) -> bool:
         """Whether the engine of a process other than this one (a fork child, paired or
         not) has HOLD rules of the batch at buf - or may get them: a fork snapshot of
@@ -602,35 +621,67 @@ class ManagedProcess:
 
     async def _rescue_batch(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> None:
         """This process died between its batch's MOVE and the read of the moved pages.
-        Children it forked meanwhile have them in their own copies of the scratch area (a
-        page shared with a child cannot be moved, so each moved page went before the
-        fork), and HOLD rules of the batch (their threads wait on its pages).  Settling
-        the batch without the pages would give those children zeros: read them from the
-        first child that is served with a pid, then settle every engine.  While one of
-        them lives and none is served yet, wait; once none holds the batch, it is done."""
+        Children it forked meanwhile hold the batch (HOLD rules: their threads wait on its
+        pages), and those forked after a page moved have it in their own copies of the
+        scratch area (a page shared with a child cannot be moved).  Settling the batch
+        without the pages would give them zeros.  So each child, once it is served with
+        a pid, gets the pages it lacks read from its own scratch area into the batch's
+        extent, and then its engine is settled (a child forked before a page moved has
+        that page itself).  Until every engine holding the batch is settled, this goes
+        on (a child that never says hello - no agent - waits on those pages until it
+        exits)."""
         m = self.manager
-        while True:
-            if not self._kids_hold(buf, nbytes):
-                return
+        while self._kids_hold(buf, nbytes):
+            progressed = False
             for q in list(m.processes.values()):
                 if q is self or q.uffd is None or q.uffd.closed or q.exited:
                     continue
-                if not _holds_into(q.uffd._engine_handle(), buf, nbytes):
-                    continue
-                if await _read_scratch(q, self.scratch, buf, filled) is None:
-                    self._settle(buf, nbytes, filled)
-                    m.pages_rescued += sum(n for _, n in filled) // PAGE
-                    for r in list(m.processes.values()):
-                        if r.uffd is not None and not r.uffd.closed:
-                            r._write_snapshot()
-                    log.info(
-                        "pid %d exited during an eviction batch: its pages were read from"
-                        " pid %d, forked during it",
-                        self.pid,
-                        q.pid,
-                    )
-                    return
-            await anyio.sleep(0.05)
+                e = q.uffd._engine_handle()
+                holds = _hold_rules(e, buf, nbytes)
+                if holds and await self._rescue_into(q, e, holds, buf, nbytes, filled):
+                    progressed = True
+            if not progressed:
+                await anyio.sleep(0.05)
+
+    async def _rescue_into(
+        self,
+        q: ManagedProcess,
+        e: CData,
+        holds: list[tuple[int, int, int]],
+        buf: int,
+        nbytes: int,
+        filled: list[tuple[int, int]],
+    ) -> bool:
+        """One child of _rescue_batch: read the moved pages it lacks from its scratch area,
+        settle its engine.  False when it could not be read (again later)."""
+        need: list[tuple[int, int]] = []
+        try:
+            for start, end, off in holds:
+                present = await anyio.to_thread.run_sync(q.present_ranges, [(start, end - start)])
+                pos = start
+                for a, n in [*present, (end, 0)]:
+                    if a > pos:
+                        need.append((off + pos - start, a - pos))
+                    pos = max(pos, a + n)
+        except UffdError:
+            return False
+        # (a page of the batch that did not move and that the child lacks was a hole)
+        need = _intersect(sorted(need), filled)
+        if need and await _read_scratch(q, self.scratch, buf, need) is not None:
+            return False
+        flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
+        for i, (o, n) in enumerate(filled):
+            flat[2 * i], flat[2 * i + 1] = o, n
+        lib.uf_rules_settle(e, buf, nbytes, flat, len(filled))
+        self.manager.pages_rescued += sum(n for _, n in need) // PAGE
+        q._write_snapshot()
+        log.info(
+            "pid %d exited during an eviction batch: pid %d, forked meanwhile, got its pages"
+            " from its own scratch area",
+            self.pid,
+            q.pid,
+        )
+        return True
 
     def _settle(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> int:
         flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
@@ -643,6 +694,7 @@ class ManagedProcess:
             rc = lib.uf_rules_settle(eng, buf, nbytes, flat, len(filled))
             if eng == own:
                 pages = check(rc, "evict: settle")
+        self.manager._sweep_scratch()
         return pages
 
     def _open_uffd(self) -> Userfaultfd:
@@ -939,6 +991,39 @@ def _parse_snapshot(data: bytes) -> tuple[int, array.array[int]] | None:
         if len(body) == 4 * words[1] and sum(body) & 0xFFFFFFFFFFFFFFFF == words[2]:
             return 0, body
     return None
+
+
+def _hold_rules(e: CData, buf: int, nbytes: int) -> list[tuple[int, int, int]]:
+    """Engine e's HOLD rules whose data goes to [buf, buf + nbytes), as (start, end,
+    offset in the batch)."""
+    cap = 256
+    while True:
+        quads = ffi.new("uint64_t[]", 4 * cap)
+        n = lib.uf_rules_list(e, C.RULE_HOLD, quads, cap)
+        if n < cap:
+            return [
+                (int(quads[4 * i]), int(quads[4 * i + 1]), int(quads[4 * i + 3]) - buf)
+                for i in range(n)
+                if buf <= quads[4 * i + 3] < buf + nbytes
+            ]
+        cap *= 4
+
+
+def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The common parts of two lists of (start, length) ranges, each sorted and without
+    overlaps."""
+    out: list[tuple[int, int]] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo = max(a[i][0], b[j][0])
+        hi = min(a[i][0] + a[i][1], b[j][0] + b[j][1])
+        if lo < hi:
+            out.append((lo, hi - lo))
+        if a[i][0] + a[i][1] < b[j][0] + b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
 
 
 def _holds_into(e: CData, buf: int, nbytes: int) -> bool:
@@ -1362,6 +1447,17 @@ class Manager:
         self._add(proc)
         return proc
 
+    def _sweep_scratch(self) -> None:
+        """Processes whose scratch area was left full at their connection's start (a
+        batch of their parent's was open, see ManagedProcess._inherits_batch) have it
+        emptied once that batch is closed (after each settle; every interval with swap)."""
+        if self._tg is None:
+            return
+        for q in list(self.processes.values()):
+            if q._scratch_dirty and not q._sweeping and not q.exited and not q._inherits_batch():
+                q._sweeping = True
+                self._tg.start_soon(q._empty_scratch_soon)
+
     def _need_swap(self) -> None:
         """A process whose pages are in a dead manager's swap store reconnected to a manager
         started without userspace swap: serve them anyway (no limit, policy "none")."""
@@ -1412,7 +1508,9 @@ class Manager:
         child.on_fork_child = self._on_fork_child
         scope = anyio.CancelScope()
         self._orphans.append(_Orphan(child, 0, scope))
-        await self._tg.start(self._serve_uffd, child, scope)
+        # (not start(): a cancellation of the parent's server - its process exiting right
+        # after the fork - while it waited for the child's to start would cancel that too)
+        self._tg.start_soon(self._serve_uffd, child, scope)
 
     async def _serve_uffd(
         self,
@@ -1438,6 +1536,8 @@ class Manager:
             # (no await from here to the cancels: a _pair that starts later does not see them)
             dead = []
             for o in self._orphans:
+                if o.uffd._engine is not None and lib.uf_engine_nforks(o.uffd._engine):
+                    continue  # a FORK it read is not delivered yet: its child's uffd with it
                 try:
                     if not o.uffd.mm_alive():
                         dead.append(o)
@@ -1719,6 +1819,9 @@ class Manager:
                 return False
             if u.children or u.closed:
                 return True  # left for the manager's own close
+            # FORK messages its engine read that no server delivered: their children
+            # must still be served
+            await u.hand_over_forks()
             proc._final_uffd_stats = u.statistics()
             u.close()
             return True

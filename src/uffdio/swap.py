@@ -472,6 +472,8 @@ class Swap:
             _settle_all(self.procs)
             if self._rescues:
                 await self._rescue_kids()
+            if self.manager is not None:
+                self.manager._sweep_scratch()
 
     def _abandon_batch(self, p: _Proc, buf: int, res: CData, empty: CData) -> None:
         """p's process died between its batch's MOVE and the read of the moved pages.
@@ -479,50 +481,88 @@ class Swap:
         scratch area, since a page shared with a child cannot be moved - and their
         tables have the batch open (their threads wait on its pages).  Committing it
         empty would turn those pages into zeros in every child.  Instead each child's
-        table reads them from its own process once that is served (uf_pt_rescue, from
-        _settle_kept); the parent's batch is never committed.  With no such child the
-        batch is closed: nobody is left to read it."""
-        n = lib.uf_pt_kid_list(p.pt, ffi.NULL, 0)
-        if n <= 0:
+        table (and each table forked from those during the batch) decides the batch from
+        its own process once that is served (uf_pt_rescue, from _settle_kept); the
+        parent's batch is never committed.  With no such child the batch is closed:
+        nobody is left to read it."""
+        if not self._rescue_kids_of(p):
             lib.uf_pt_commit(p.pt, empty, 0, empty, 0, buf, res)
-            return
-        arr = ffi.new("uf_pt *[]", n)
-        got = min(int(lib.uf_pt_kid_list(p.pt, arr, n)), n)
-        now = time.monotonic()
-        for i in range(got):
-            key = int(ffi.cast("uintptr_t", arr[i]))
-            if key in self._rescues:
-                lib.uf_pt_unref(arr[i])  # (a reference of its own per call)
-            else:
-                self._rescues[key] = (ffi.gc(arr[i], lib.uf_pt_unref), now)
-        log.info(
-            "pid %d exited during an eviction batch: %d children forked meanwhile read its"
-            " pages from their own scratch area",
-            p.proc.pid,
-            got,
-        )
+
+    def _rescue_kids_of(self, p: _Proc) -> int:
+        """Put the tables forked from p's during its open batch into _rescues (see
+        _abandon_batch).  Returns how many."""
+        n = int(lib.uf_pt_kid_list(p.pt, ffi.NULL, 0))
+        while n > 0:
+            arr = ffi.new("uf_pt *[]", n)
+            got = int(lib.uf_pt_kid_list(p.pt, arr, n))
+            if got > n:  # (more were forked meanwhile: the references taken go back)
+                for i in range(n):
+                    lib.uf_pt_unref(arr[i])
+                n = got
+                continue
+            for i in range(got):
+                self._rescue_later(arr[i])
+            log.info(
+                "pid %d exited during an eviction batch: %d processes forked meanwhile read"
+                " its pages from their own scratch areas",
+                p.proc.pid,
+                got,
+            )
+            return got
+        return 0
+
+    def _rescue_later(self, pt: CData) -> None:
+        """Take one reference of a child table (see _abandon_batch) into _rescues."""
+        key = int(ffi.cast("uintptr_t", pt))
+        if key in self._rescues:
+            lib.uf_pt_unref(pt)
+        else:
+            self._rescues[key] = (ffi.gc(pt, lib.uf_pt_unref), time.monotonic())
 
     async def _rescue_kids(self) -> None:
         """Each child table of an abandoned batch (see _abandon_batch) whose process is
         served, with a pid and a page map: decide the batch's pages from that process.
-        One not served for 60 s (no agent, or gone before its hello) is let go - when its
-        process is gone, its uffd is closed by the manager anyway (_reap_orphans)."""
+        The tables forked from it during the batch are rescued on their own, in turn.  A
+        table stays here as long as a uffd serves it (a child that never says hello -
+        no agent - waits on the batch's pages until it exits); one unbound for 30 s is
+        let go (its process is gone)."""
         served = {int(ffi.cast("uintptr_t", q.pt)): q for q in self.procs.values()}
         out = ffi.new("uint64_t[6]")
+        nk = ffi.new("size_t *")
         now = time.monotonic()
         for key, (pt, seen) in list(self._rescues.items()):
+            if not lib.uf_pt_batch_open(pt):
+                del self._rescues[key]  # closed (by a commit or a rescue of its own)
+                continue
             q = served.get(key)
             if q is None or q.pagemap < 0 or q.proc.exited:
-                if now - seen > 60:
+                if lib.uf_pt_bound(pt):
+                    self._rescues[key] = (pt, now)
+                elif now - seen > 30:
                     del self._rescues[key]
                 continue
             self._rescues[key] = (pt, now)
-            rc = await anyio.to_thread.run_sync(lib.uf_pt_rescue, pt, q.proc.pid, q.pagemap, out)
+            cap = 8
+            while True:
+                kids = ffi.new("uf_pt *[]", cap)
+                pm = os.dup(q.pagemap)  # (detach may close q's while the thread runs)
+                try:
+                    rc = await anyio.to_thread.run_sync(
+                        lib.uf_pt_rescue, pt, q.proc.pid, pm, out, kids, cap, nk
+                    )
+                finally:
+                    os.close(pm)
+                if rc != -errno.ENOSPC:
+                    break
+                cap = int(nk[0]) + 8
             self.pages_rescued += int(out[1])
             if rc == -errno.EAGAIN:
                 continue  # pages it could not read or store yet wait: again next round
             del self._rescues[key]
-            if rc < 0 and rc != -errno.ESRCH:
+            if rc == 0:
+                for i in range(int(nk[0])):
+                    self._rescue_later(kids[i])
+            elif rc != -errno.ESRCH:
                 self._error(f"pid {q.proc.pid}: rescuing its parent's batch: {os.strerror(-rc)}")
 
     def _adopt(self, proc: ManagedProcess, pagemap: int) -> CData:
@@ -780,6 +820,11 @@ class Swap:
         if p is None:
             return
         del self.procs[proc.pid]
+        if p.staging is None and _dead(proc.pid) and lib.uf_pt_batch_open(p.pt):
+            # a batch left open (its MOVE's answer was lost, or its read failed, while
+            # the process lived) and now the process is gone: its children forked
+            # meanwhile read the batch from their own scratch areas
+            self._rescue_kids_of(p)
         if p.staging is None:
             p.close()
         else:
