@@ -1141,6 +1141,8 @@ class Manager:
         self._arena_by_ino: dict[int, Arena] = {self.arena.ino: self.arena}
         self._extents: list[_Extent] = []
         self._orphans: list[_Orphan] = []
+        #: the served process of each uffd (by id(), while it is in self.processes)
+        self._owner: dict[int, ManagedProcess] = {}
         #: orphans whose process is gone, being stopped and closed (_reap_orphans)
         self._reaping: list[_Orphan] = []
         #: how many _pair calls run (no orphan is closed under one)
@@ -1477,6 +1479,8 @@ class Manager:
 
     def _add(self, proc: ManagedProcess) -> None:
         self.processes[proc.pid] = proc
+        if proc.uffd is not None:
+            self._owner[id(proc.uffd)] = proc
         self.history.append(proc)
         ev, self._new_process = self._new_process, anyio.Event()
         ev.set()
@@ -1495,11 +1499,10 @@ class Manager:
         pages at the new ones would read as zeros, and memory mapped anew at the old ones
         would get their contents.  (What stays open: the moment between the engine's read
         of the event and this write.)"""
-        for proc in self.processes.values():
-            if proc.uffd is ev.uffd:
-                if proc._batch_span is not None or lib.uf_rules_count(proc.uffd._engine_handle()):
-                    proc._write_snapshot()
-                return
+        proc = self._owner.get(id(ev.uffd))
+        if proc is not None and proc.uffd is ev.uffd and not proc.exited:
+            if proc._batch_span is not None or lib.uf_rules_count(proc.uffd._engine_handle()):
+                proc._write_snapshot()
 
     async def _on_fork_child(self, child: Userfaultfd) -> None:
         """EVENT_FORK: serve the child's uffd at once (its threads fault as soon as fork()
@@ -1779,6 +1782,8 @@ class Manager:
             proc.swap_kept = None
         if self.processes.get(proc.pid) is proc:
             del self.processes[proc.pid]
+        if proc.uffd is not None and self._owner.get(id(proc.uffd)) is proc:
+            del self._owner[id(proc.uffd)]
         if self._tg is not None and proc.uffd is not None and _dead(proc.pid):
             self._tg.start_soon(self._release_uffd, proc)
 
