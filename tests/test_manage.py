@@ -691,6 +691,28 @@ def test_recovery_snapshots_are_taken_only_whole() -> None:
     assert got is not None and got[0] == 0 and list(got[1]) == body
 
 
+async def test_both_snapshot_memfds_are_whole_from_the_start() -> None:
+    """The agent gets its two snapshot memfds with a whole snapshot in each: a manager
+    killed before its first write after them must not leave a successor two empty ones
+    (it would refuse the process, whose threads would then wait for ever)."""
+    from uffdio.manage import _parse_snapshot
+
+    async with Manager() as m:
+        prog = Prog(m, 1 << 20)
+        proc = await prog.spawned.process()
+        await prog.cmd("fill", 3)
+        fds = [
+            f"/proc/{proc.pid}/fd/{fd}"
+            for fd in os.listdir(f"/proc/{proc.pid}/fd")
+            if "uffdio-state" in os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+        ]
+        assert len(fds) == 2, fds
+        for path in fds:
+            with open(path, "rb") as f:
+                assert _parse_snapshot(f.read()) is not None
+        assert await prog.close() == 0
+
+
 def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 

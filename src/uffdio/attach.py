@@ -292,8 +292,8 @@ class AttachedProcess(ManagedProcess):
             raise self._gone_by_exec()
         return rets[1:]
 
-    def _write_snapshot(self, scratch_runs: object = None) -> None:
-        pass  # no agent keeps snapshots for an attached process (no takeover)
+    def _write_snapshot(self, scratch_runs: object = None, last: bool = False) -> bool:
+        return True  # no agent keeps snapshots for an attached process (no takeover)
 
     def _local(self) -> int:
         return self._open_uffd().fileno()

@@ -235,6 +235,10 @@ class ManagedProcess:
         self._state_fds: list[int] = []
         self._state_seq = 0
         self._state_new = False  # made here, not yet handed to the agent
+        #: why the dead manager's snapshot could not be taken over (the process is held)
+        self._restore_error: UffdError | None = None
+        #: a plain batch whose holds were left in place (see _evict_batch_held)
+        self._stuck_batch: tuple[int, int, list[tuple[int, int]]] | None = None
         #: the scratch area was not emptied when the connection started (see
         #: _inherits_batch): it is before the first batch
         self._scratch_dirty = False
@@ -529,14 +533,20 @@ class ManagedProcess:
                     self.manager._tg.start_soon(self._rescue_batch, buf, nbytes, filled)
                 elif _dead(self.pid):
                     self._settle(buf, nbytes, [])  # nobody is left
-                # else: the holds stay (the pages are in the scratch area: their threads
-                # wait - a settle without them would give zeros) until a successor
-                # recovers them from the snapshot written with the batch
+                else:
+                    # the holds stay (the pages are in the scratch area: their threads
+                    # wait - a settle without them would give zeros) until a successor
+                    # recovers them from the snapshot written with the batch, or the
+                    # process is gone (Manager._retire)
+                    self._stuck_batch = (buf, nbytes, filled)
                 raise err
         pages = self._settle(buf, nbytes, filled)
-        self._write_snapshot()
         used = max((o + n for o, n in filled), default=0)
-        if used:
+        if not self._write_snapshot():
+            # the last whole snapshot still says the batch's pages are in the scratch
+            # area: it stays full (emptied before the next batch, after a snapshot)
+            self._scratch_dirty = self._scratch_dirty or bool(used)
+        elif used:
             await self._op_dontneed([self.scratch, used])
         self.stats["evictions"] += 1
         self.stats["pages_evicted"] += pages
@@ -593,8 +603,9 @@ class ManagedProcess:
 
     async def _empty_scratch(self) -> None:
         """Before a batch (evict lock held): empty the scratch area if the connection's
-        start left it (see _inherits_batch)."""
-        if self._scratch_dirty:
+        start left it (see _inherits_batch), or a batch whose snapshot was not written -
+        once a snapshot says it is no longer needed."""
+        if self._scratch_dirty and (self.manager.swap is not None or self._write_snapshot()):
             await self.request(P.M_DONTNEED, [self.scratch, self.scratch_len])
             self._scratch_dirty = False
 
@@ -675,6 +686,7 @@ class ManagedProcess:
         lib.uf_rules_settle(e, buf, nbytes, flat, len(filled))
         self.manager.pages_rescued += sum(n for _, n in need) // PAGE
         q._write_snapshot()
+        self.manager._sweep_scratch()
         log.info(
             "pid %d exited during an eviction batch: pid %d, forked meanwhile, got its pages"
             " from its own scratch area",
@@ -769,14 +781,18 @@ class ManagedProcess:
 
     # ---- recovery snapshots ------------------------------------------------------------
 
-    def _write_snapshot(self, scratch_runs: list[tuple[int, int, int]] | None = None) -> None:
+    def _write_snapshot(
+        self, scratch_runs: list[tuple[int, int, int]] | None = None, last: bool = False
+    ) -> bool:
         """Record this process's BUFFER rules (as store offsets) and pages in transit in a
         memfd that the agent keeps; a restarted manager rebuilds the rules from it.  Written
         before and after each eviction batch and after each event that moves or drops rules
         (Manager._after_event); the pages in transit are those of scratch_runs, or else of
-        the batch in flight as its HOLD rules say now (an event may have moved them)."""
-        if self.uffd is None or self.exited or not self._state_fds:
-            return
+        the batch in flight as its HOLD rules say now (an event may have moved them).
+        Returns whether it was written: a step that would make the previous snapshot wrong
+        (emptying the scratch area after a batch) must not follow a failed write."""
+        if self.uffd is None or (self.exited and not last) or not self._state_fds:
+            return False
         m = self.manager
         e = self.uffd._engine_handle()
         n = lib.uf_rules_count(e)
@@ -812,11 +828,17 @@ class ManagedProcess:
         data = words.tobytes()
         fd = self._state_fds[self._state_seq & 1]
         try:
-            os.pwrite(fd, data, 0)
+            if os.pwrite(fd, data, 0) != len(data):
+                raise OSError(errno.ENOSPC, "short write")
             os.ftruncate(fd, len(data))
-            self.stats["snapshots"] += 1
         except OSError as exc:
+            # (the number goes back: the next write goes into this slot again, never into
+            # the other one, which holds the last whole snapshot)
+            self._state_seq -= 1
             log.warning("pid %d: recovery snapshot not written: %s", self.pid, exc)
+            return False
+        self.stats["snapshots"] += 1
+        return True
 
     def _open_state(self, kept: dict[int, int]) -> None:
         """The two snapshot memfds: the ones the agent kept (a takeover: they go on being
@@ -833,6 +855,11 @@ class ManagedProcess:
             os.memfd_create(f"uffdio-state-{self.pid}", os.MFD_CLOEXEC) for _ in range(2)
         ]
         self._state_new = True
+        # both whole before the agent has them: a successor that finds no whole snapshot
+        # refuses the process (a fork child's inherited rules are in it from the start)
+        for _ in range(2):
+            if not self._write_snapshot():
+                raise error_for(errno.ENOMEM, "recovery snapshot", f"pid {self.pid}")
 
     def _close_state(self) -> None:
         for fd in self._state_fds:
@@ -864,6 +891,10 @@ class ManagedProcess:
             ar = self.manager._arena_by_ino.get(ino)
             if ar is None:
                 raise error_for(errno.EBADMSG, "recovery", f"pid {self.pid}: store {ino} missing")
+            if (start | end | off) % PAGE or end <= start or off + (end - start) > ar.size:
+                raise error_for(
+                    errno.EBADMSG, "recovery", f"pid {self.pid}: a snapshot entry is out of bounds"
+                )
             check(
                 lib.uf_rules_add(e, start, end - start, C.RULE_BUFFER, ar.base + off, -1, 0, 1),
                 "recovery",
@@ -1345,10 +1376,9 @@ class Manager:
                     os.close(hello.fd)
                 await P.send(conn, P.pack(P.M_WELCOME, a=-errno.EPERM))
                 return
-            proc = await self._hello(conn, hello)
+            proc = await self._hello(conn, hello, uid)
             if proc is None:
                 return
-            proc.uid = uid
             await self._run(proc)
         except (anyio.get_cancelled_exc_class(), KeyboardInterrupt):
             raise
@@ -1359,7 +1389,7 @@ class Manager:
             if proc is not None:
                 self._retire(proc)
 
-    async def _hello(self, conn: socket.socket, h: P.Msg) -> ManagedProcess | None:
+    async def _hello(self, conn: socket.socket, h: P.Msg, uid: int) -> ManagedProcess | None:
         pid, ppid = h.a, h.b
         words = h.words
         kept: dict[int, int] = {}
@@ -1378,6 +1408,7 @@ class Manager:
         elif old is not None:  # exec: the old image and its mm are gone
             self._retire(old, execed=True)
         proc = ManagedProcess(self, pid, ppid, conn)
+        proc.uid = uid
         if len(words) >= 3:
             proc.agent_version, proc.scratch, proc.scratch_len = words[0], words[1], words[2]
         proc.event_fork = bool(h.flags & P.AF_EVENT_FORK)
@@ -1437,9 +1468,25 @@ class Manager:
                 else:
                     os.close(store)
             try:
+                if states and uid != os.geteuid():
+                    # (its memfds are writable by it: rules that point anywhere in a store)
+                    raise error_for(
+                        errno.EPERM,
+                        "takeover",
+                        f"pid {pid} belongs to uid {uid}: a recovery snapshot is taken over only"
+                        " from processes of the manager's own user",
+                    )
                 if states:
                     self.recovered_pages += proc._restore(states)
-            finally:
+            except UffdError as exc:
+                # not served (its threads keep waiting; see _hold), and its agent keeps
+                # the snapshot it had
+                proc._restore_error = exc
+                for t in (TAG_STATE, TAG_STATE_B):
+                    fd = kept.pop(t, -1)
+                    if fd >= 0:
+                        os.close(fd)
+            else:
                 proc._open_state(kept)  # (takes the two state memfds over, or makes new)
             proc.resumed = True
         else:
@@ -1559,6 +1606,7 @@ class Manager:
                     log.warning("a fork-event uffd's engine did not stop; it is closed at exit")
                     continue
                 self._reaping.remove(o)
+                await o.uffd.hand_over_forks()  # (a FORK read after the look above)
                 o.uffd.close()
                 self.orphans_reaped += 1
 
@@ -1625,6 +1673,8 @@ class Manager:
                         " page table (the only record of which of its pages were evicted) never"
                         " reached it",
                     )
+                if proc._restore_error is not None:
+                    raise proc._restore_error
                 if self.swap is not None:
                     self.swap.attach(proc)
             except UffdError as exc:
@@ -1709,6 +1759,7 @@ class Manager:
         if self.swap is not None:
             self.swap._error(reason)
         if proc.uffd is not None:
+            self._owner.pop(id(proc.uffd), None)
             proc.uffd.close()  # ours: the agent's duplicate keeps the registrations
             proc.uffd = None
         conn = proc._sock
@@ -1764,17 +1815,29 @@ class Manager:
         proc._fail_replies()
         proc._gone.set()
 
-    def _retire(self, proc: ManagedProcess, execed: bool = False) -> None:
+    def _retire(self, proc: ManagedProcess, execed: bool = False, superseded: bool = False) -> None:
         if proc._scope is not None:
             proc._scope.cancel()
         proc.exited = True
-        proc._close_state()
+        if not superseded:
+            proc._close_state()  # (superseded: _release_uffd writes the last one first)
+        gone = execed or _dead(proc.pid)
+        if proc._stuck_batch is not None and gone:
+            # a plain batch whose pages could not be read, its holds left in place while
+            # the process lived; now its old memory is gone: children forked during it
+            # have the pages (see _rescue_batch), or nobody needs them
+            buf, nbytes, filled = proc._stuck_batch
+            proc._stuck_batch = None
+            if proc._kids_hold(buf, nbytes) and self._tg is not None:
+                self._tg.start_soon(proc._rescue_batch, buf, nbytes, filled)
+            else:
+                proc._settle(buf, nbytes, [])
         if self.swap is not None:
             if execed or proc.given_back or _dead(proc.pid):
                 # (alive - its agent lost us - its pages wait in the store for whoever
                 # takes it over: see uf_pt_keep)
                 self.swap.let_go(proc)
-            self.swap.detach(proc)
+            self.swap.detach(proc, gone=gone)
         if proc.swap_kept is not None:
             for fd in proc.swap_kept:
                 if fd >= 0:
@@ -1794,24 +1857,30 @@ class Manager:
         taken over from the memfd the old one writes (Swap._adopt) - two tables on one
         memfd, under two locks, would lose pages.  The old table keeps its store
         references (uf_pt_keep): from now on they are the new table's."""
-        self._retire(old)
-        if not await self._release_uffd(old, wait=30.0):
+        self._retire(old, superseded=True)
+        if not await self._release_uffd(old, wait=30.0, last_snapshot=True):
             raise error_for(
                 errno.EBUSY,
                 "reconnect",
                 f"pid {old.pid}: its old connection's fault engine did not stop in 30 s",
             )
 
-    async def _release_uffd(self, proc: ManagedProcess, wait: float = 5.0) -> bool:
+    async def _release_uffd(
+        self, proc: ManagedProcess, wait: float = 5.0, last_snapshot: bool = False
+    ) -> bool:
         """Close the uffd of a process that exited (or whose old connection a reconnect
         superseded): its engine, its page table and the store pages it held go with it (a
         long-running manager must not keep them until it stops).  Its counters are kept
         for statistics().  Not while the uffd still carries fork-event uffds of children
         (closing it would close theirs).  A page table that outlives the engine (a
         parent's list of children forked during a batch) is unbound from its fds in C.
-        Returns False when its engine was still serving after ``wait`` seconds."""
+        Returns False when its engine was still serving after ``wait`` seconds.
+        ``last_snapshot`` (a superseded connection, whose successor takes the same
+        snapshot memfds over): once the engine stopped, its rules - with every event it
+        applied until then - are written a last time."""
         u = proc.uffd
         if u is None or u.closed:
+            proc._close_state()
             return True
         # no eviction may hold its engine or page table now, nor start later
         async with proc._evict_lock:
@@ -1820,6 +1889,10 @@ class Manager:
                 if not u._serving:
                     break
                 await anyio.sleep(0.01)
+            if last_snapshot:
+                if not u._serving:
+                    proc._write_snapshot(last=True)
+                proc._close_state()
             if u._serving:
                 return False
             if u.children or u.closed:

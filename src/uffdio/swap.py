@@ -815,12 +815,13 @@ class Swap:
         p = self.procs.get(proc.pid)
         return p if p is not None and p.proc is proc else None
 
-    def detach(self, proc: ManagedProcess) -> None:
+    def detach(self, proc: ManagedProcess, gone: bool = False) -> None:
+        """proc is no longer served; ``gone``: its memory is gone (it exited or exec'd)."""
         p = self._p(proc)
         if p is None:
             return
         del self.procs[proc.pid]
-        if p.staging is None and _dead(proc.pid) and lib.uf_pt_batch_open(p.pt):
+        if p.staging is None and (gone or _dead(proc.pid)) and lib.uf_pt_batch_open(p.pt):
             # a batch left open (its MOVE's answer was lost, or its read failed, while
             # the process lived) and now the process is gone: its children forked
             # meanwhile read the batch from their own scratch areas
