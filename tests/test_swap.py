@@ -40,6 +40,24 @@ def states(sw: Swap, proc: uffdio.ManagedProcess, addr: int, n: int) -> list[int
     return [lib.uf_pt_state(pt, addr + i * PAGE, slot) for i in range(n)]
 
 
+def _scratch_entries(pid: int) -> int:
+    """How many runs in transit (in the scratch area) the newest whole recovery snapshot
+    of pid records."""
+    from uffdio.manage import SNAP_SCRATCH, _parse_snapshot
+
+    best = None
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if "uffdio-state" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                with open(f"/proc/{pid}/fd/{fd}", "rb") as f:
+                    got = _parse_snapshot(f.read())
+                if got is not None and (best is None or got[0] > best[0]):
+                    best = got
+    assert best is not None, f"pid {pid}: no whole snapshot"
+    body = best[1]
+    return sum(1 for i in range(0, len(body), 4) if body[i + 2] == SNAP_SCRATCH)
+
+
 def present(pid: int, addr: int, n: int) -> list[bool]:
     with open(f"/proc/{pid}/pagemap", "rb") as f:
         f.seek(addr // PAGE * 8)
@@ -979,6 +997,17 @@ async def test_parent_exiting_between_move_and_read_leaves_its_child_every_page(
             return out
 
         owner._move_held = move_then_fork_and_exit  # type: ignore[method-assign]
+        seen: list[int] = []
+        if sw is None:
+            # while a child waits for the rescue, its recovery snapshot records the batch
+            # it inherited (a manager killed then would leave its successor the pages)
+            real_into = proc._rescue_into
+
+            async def look_then_rescue(q, *args):  # type: ignore[no-untyped-def]
+                seen.append(_scratch_entries(q.pid))
+                return await real_into(q, *args)
+
+            proc._rescue_into = look_then_rescue  # type: ignore[method-assign]
         with pytest.raises(uffdio.UffdError):
             await proc.evict([(addr, size)])
         assert child
@@ -992,6 +1021,7 @@ async def test_parent_exiting_between_move_and_read_leaves_its_child_every_page(
             assert sw.statistics()["pages_rescued"] > 0
         else:
             assert m.statistics()["pages_rescued"] > 0
+            assert seen and min(seen) > 0, seen
     if sw is not None:
         sw.close()
 

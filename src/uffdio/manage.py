@@ -167,6 +167,9 @@ class _Extent:
     off: int
     length: int
     unused_since: float | None = None
+    #: an eviction batch's extent: its pages in transit sit at the same offsets in the
+    #: scratch area (of its process, and of children forked during the batch)
+    batch: bool = False
 
 
 @dataclass
@@ -477,7 +480,7 @@ class ManagedProcess:
         arena = m.arena
         off = arena.alloc(nbytes)
         buf = arena.base + off
-        m._extents.append(_Extent(arena, off, nbytes))
+        m._extents.append(_Extent(arena, off, nbytes, batch=True))
         e = self.uffd._engine_handle()
         placed: list[tuple[int, int, int]] = []  # (src, len, offset in batch)
         pos = 0
@@ -797,14 +800,22 @@ class ManagedProcess:
         e = self.uffd._engine_handle()
         n = lib.uf_rules_count(e)
         out = ffi.new("uint64_t[]", 4 * max(1, n))
-        if scratch_runs is None and self._batch_span is not None:
-            buf, nbytes = self._batch_span
+        if scratch_runs is None:
+            # every HOLD rule of a batch: this process's own in flight, or one inherited
+            # from its parent's (forked during it, waiting for it to settle or for a
+            # rescue): each page sits at its batch offset in this process's scratch area
             nh = lib.uf_rules_list(e, C.RULE_HOLD, out, n)
-            scratch_runs = [
-                (int(out[4 * i]), int(out[4 * i + 1] - out[4 * i]), int(out[4 * i + 3]) - buf)
-                for i in range(nh)
-                if buf <= out[4 * i + 3] < buf + nbytes
-            ]
+            scratch_runs = []
+            if nh:
+                batches = [(x.arena.base + x.off, x.length) for x in m._extents if x.batch]
+                for i in range(nh):
+                    src = int(out[4 * i + 3])
+                    for buf, nbytes in batches:
+                        if buf <= src < buf + nbytes:
+                            scratch_runs.append(
+                                (int(out[4 * i]), int(out[4 * i + 1] - out[4 * i]), src - buf)
+                            )
+                            break
         n = lib.uf_rules_list(e, C.RULE_BUFFER, out, n)
         self._state_seq += 1
         words = array.array("Q", [SNAP_MAGIC2, 0, 0, self._state_seq])
