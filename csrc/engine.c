@@ -1275,6 +1275,7 @@ static void *engine_thread(void *arg)
 {
 	uf_engine *e = arg;
 
+	pthread_setname_np(pthread_self(), "uffdio-engine"); /* (top -H, ps -L, gdb) */
 	while (!(e->stopping && e->inflight == 0)) {
 		int r = io_uring_submit_and_wait(&e->ring, 1);
 		if (r < 0 && r != -EINTR && r != -EAGAIN && r != -EBUSY) {

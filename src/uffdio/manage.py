@@ -240,6 +240,13 @@ class ManagedProcess:
         self._state_new = False  # made here, not yet handed to the agent
         #: why the dead manager's snapshot could not be taken over (the process is held)
         self._restore_error: UffdError | None = None
+        #: the last snapshot written (a reconnect to this manager restores from it: the
+        #: memfds are writable by the process)
+        self._last_snapshot: bytes | None = None
+        #: a reconnect superseded this connection (see Manager._supersede)
+        self._superseded = False
+        #: snapshots could not be made for it (no takeover protection: nothing to keep)
+        self._no_snapshots = False
         #: a plain batch whose holds were left in place (see _evict_batch_held)
         self._stuck_batch: tuple[int, int, list[tuple[int, int]]] | None = None
         #: the scratch area was not emptied when the connection started (see
@@ -497,7 +504,12 @@ class ManagedProcess:
     async def _evict_batch_held(
         self, e: CData, buf: int, nbytes: int, placed: list[tuple[int, int, int]]
     ) -> int:
-        self._write_snapshot(scratch_runs=placed)
+        if not self._write_snapshot(scratch_runs=placed):
+            # a successor would know neither the pages' rules nor where they went
+            self._settle(buf, nbytes, [])
+            raise error_for(
+                errno.EIO, "evict", f"pid {self.pid}: the recovery snapshot could not be written"
+            )
         try:
             moved_words, skipped, trips, move_err = await self._move_held(
                 e, buf, nbytes, len(placed)
@@ -794,6 +806,8 @@ class ManagedProcess:
         the batch in flight as its HOLD rules say now (an event may have moved them).
         Returns whether it was written: a step that would make the previous snapshot wrong
         (emptying the scratch area after a batch) must not follow a failed write."""
+        if self._no_snapshots:
+            return True  # (nothing a snapshot would protect: see _open_state)
         if self.uffd is None or (self.exited and not last) or not self._state_fds:
             return False
         m = self.manager
@@ -849,6 +863,7 @@ class ManagedProcess:
             log.warning("pid %d: recovery snapshot not written: %s", self.pid, exc)
             return False
         self.stats["snapshots"] += 1
+        self._last_snapshot = data
         return True
 
     def _open_state(self, kept: dict[int, int]) -> None:
@@ -870,21 +885,26 @@ class ManagedProcess:
         # refuses the process (a fork child's inherited rules are in it from the start)
         for _ in range(2):
             if not self._write_snapshot():
-                raise error_for(errno.ENOMEM, "recovery snapshot", f"pid {self.pid}")
+                # served without takeover snapshots (a successor refuses it: held)
+                log.warning("pid %d: no recovery snapshot could be written", self.pid)
+                self._close_state()
+                self._state_new = False
+                self._no_snapshots = True
+                return
 
     def _close_state(self) -> None:
         for fd in self._state_fds:
             os.close(fd)
         self._state_fds = []
 
-    def _restore(self, state_fds: list[int]) -> int:
+    def _restore(self, snapshots: list[bytes]) -> int:
         """Rebuild the rules of a process whose previous manager died (see _write_snapshot)
-        from the valid snapshot with the highest number among ``state_fds``.  Returns pages
+        from the valid snapshot with the highest number among ``snapshots``.  Returns pages
         restored; pages that were in the scratch area are returned as runs to read."""
         assert self.uffd is not None
         best: tuple[int, array.array[int]] | None = None
-        for fd in state_fds:
-            got = _parse_snapshot(os.pread(fd, 1 << 30, 0))
+        for data in snapshots:
+            got = _parse_snapshot(data)
             if got is not None and (best is None or got[0] > best[0]):
                 best = got
         if best is None:
@@ -897,6 +917,17 @@ class ManagedProcess:
         for i in range(count):
             start, end, ino, off = body[4 * i : 4 * i + 4]
             if ino == SNAP_SCRATCH:
+                if (
+                    (start | end | off) % PAGE
+                    or end <= start
+                    or not (
+                        self.scratch <= off
+                        and off + (end - start) <= self.scratch + self.scratch_len
+                    )
+                ):
+                    raise error_for(
+                        errno.EBADMSG, "recovery", f"pid {self.pid}: scratch entry out of bounds"
+                    )
                 self._recover_scratch.append((start, end - start, off))
                 continue
             ar = self.manager._arena_by_ino.get(ino)
@@ -1066,6 +1097,17 @@ def _intersect(a: list[tuple[int, int]], b: list[tuple[int, int]]) -> list[tuple
         else:
             j += 1
     return out
+
+
+def _mm_gone(proc: ManagedProcess) -> bool:
+    """Whether the memory proc's uffd serves is gone (the process exited or exec'd)."""
+    u = proc.uffd
+    if u is None or u.closed:
+        return False
+    try:
+        return not u.mm_alive()
+    except UffdError:
+        return False
 
 
 def _holds_into(e: CData, buf: int, nbytes: int) -> bool:
@@ -1412,7 +1454,9 @@ class Manager:
             if k.fd >= 0:
                 kept[k.a] = k.fd
         old = self.processes.get(pid)
+        superseded: ManagedProcess | None = None
         if old is not None and h.flags & P.AF_RECONNECT:
+            superseded = old
             # the same process, whose connection to us broke, calling again before we
             # saw that connection end: stop serving it the old way first
             await self._supersede(old)
@@ -1479,16 +1523,22 @@ class Manager:
                 else:
                     os.close(store)
             try:
-                if states and uid != os.geteuid():
-                    # (its memfds are writable by it: rules that point anywhere in a store)
-                    raise error_for(
-                        errno.EPERM,
-                        "takeover",
-                        f"pid {pid} belongs to uid {uid}: a recovery snapshot is taken over only"
-                        " from processes of the manager's own user",
-                    )
-                if states:
-                    self.recovered_pages += proc._restore(states)
+                snaps = [os.pread(fd, 1 << 30, 0) for fd in states]
+                if uid != os.geteuid():
+                    # its memfds are writable by it (rules that could point anywhere in a
+                    # store): a connection of its to this manager is restored from what
+                    # this manager wrote last; a snapshot of a dead manager's only if empty
+                    if superseded is not None and superseded._last_snapshot is not None:
+                        snaps = [superseded._last_snapshot]
+                    elif any(len((_parse_snapshot(d) or (0, ()))[1]) for d in snaps):
+                        raise error_for(
+                            errno.EPERM,
+                            "takeover",
+                            f"pid {pid} belongs to uid {uid}: the recovery snapshot of a dead"
+                            " manager is taken over only from processes of its own user",
+                        )
+                if snaps:
+                    self.recovered_pages += proc._restore(snaps)
             except UffdError as exc:
                 # not served (its threads keep waiting; see _hold), and its agent keeps
                 # the snapshot it had
@@ -1616,10 +1666,10 @@ class Manager:
                 if o.uffd._serving:
                     log.warning("a fork-event uffd's engine did not stop; it is closed at exit")
                     continue
-                self._reaping.remove(o)
                 await o.uffd.hand_over_forks()  # (a FORK read after the look above)
                 o.uffd.close()
                 self.orphans_reaped += 1
+                self._reaping.remove(o)
 
     async def _pair(self, proc: ManagedProcess) -> _Orphan | None:
         """Find which fork-event uffd belongs to ``proc``.  For each candidate: pick a page
@@ -1826,13 +1876,15 @@ class Manager:
         proc._fail_replies()
         proc._gone.set()
 
-    def _retire(self, proc: ManagedProcess, execed: bool = False, superseded: bool = False) -> None:
+    def _retire(self, proc: ManagedProcess, execed: bool = False) -> None:
         if proc._scope is not None:
             proc._scope.cancel()
         proc.exited = True
-        if not superseded:
+        if not proc._superseded:
             proc._close_state()  # (superseded: _release_uffd writes the last one first)
-        gone = execed or _dead(proc.pid)
+        # (an exec is often seen only as the end of the old connection - the agent's socket
+        # closes on exec - before the new image says hello: its old memory is gone)
+        gone = execed or _dead(proc.pid) or _mm_gone(proc)
         if proc._stuck_batch is not None and gone:
             # a plain batch whose pages could not be read, its holds left in place while
             # the process lived; now its old memory is gone: children forked during it
@@ -1844,7 +1896,7 @@ class Manager:
             else:
                 proc._settle(buf, nbytes, [])
         if self.swap is not None:
-            if execed or proc.given_back or _dead(proc.pid):
+            if gone or proc.given_back:
                 # (alive - its agent lost us - its pages wait in the store for whoever
                 # takes it over: see uf_pt_keep)
                 self.swap.let_go(proc)
@@ -1868,7 +1920,8 @@ class Manager:
         taken over from the memfd the old one writes (Swap._adopt) - two tables on one
         memfd, under two locks, would lose pages.  The old table keeps its store
         references (uf_pt_keep): from now on they are the new table's."""
-        self._retire(old, superseded=True)
+        old._superseded = True
+        self._retire(old)
         if not await self._release_uffd(old, wait=30.0, last_snapshot=True):
             raise error_for(
                 errno.EBUSY,
@@ -1901,8 +1954,8 @@ class Manager:
                     break
                 await anyio.sleep(0.01)
             if last_snapshot:
-                if not u._serving:
-                    proc._write_snapshot(last=True)
+                if u._serving or not proc._write_snapshot(last=True):
+                    log.warning("pid %d: last snapshot of the old connection not written", proc.pid)
                 proc._close_state()
             if u._serving:
                 return False
@@ -1997,7 +2050,7 @@ class Manager:
         total["store_bytes"] = sum(a.used_bytes for a in self._arenas)
         total["recovered_pages"] = self.recovered_pages
         total["orphans_reaped"] = self.orphans_reaped
-        total["orphans"] = len(self._orphans)
+        total["orphans"] = len(self._orphans) + len(self._reaping)  # (uffds still open)
         total["pages_rescued"] = self.pages_rescued
         total["per_process"] = procs
         return total
