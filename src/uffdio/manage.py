@@ -844,6 +844,10 @@ class ManagedProcess:
         for s, ln, boff in scratch_runs or ():
             words.extend((s, s + ln, SNAP_SCRATCH, self.scratch + boff))
             count += 1
+        # pages a dead manager left in the scratch area, not yet read by _recover_finish
+        for s, ln, scr in getattr(self, "_recover_scratch", ()):
+            words.extend((s, s + ln, SNAP_SCRATCH, scr))
+            count += 1
         words[1] = count
         words[2] = sum(words[3:]) & 0xFFFFFFFFFFFFFFFF
         # Written in place, into the older of the two memfds the agent keeps: no message
@@ -967,8 +971,8 @@ class ManagedProcess:
             pos += n
         await anyio.to_thread.run_sync(_readv, self.pid, local, remote)
         self._settle(buf, total, filled)
+        self._recover_scratch = []  # (before the snapshot: they are store pages now)
         self._write_snapshot()
-        self._recover_scratch = []
 
     # ---- statistics ----------------------------------------------------------------------
 
