@@ -1016,9 +1016,8 @@ class Userfaultfd:
                     # must not wait for a next server of this uffd, which a process that
                     # is gone (a daemon's parent, exiting right after its fork) never gets
                     forks = [i for i in keep if w[4 * i] & 0xFF == Event.FORK]
-                    with anyio.CancelScope(shield=True):
-                        for i in forks:
-                            await self.on_fork_child(self._adopt_fork(w[4 * i + 1]))
+                    for i in forks:
+                        await self._hand_over_fork(w[4 * i + 1], tg)
                     keep = [i for i in keep if i not in forks]
                 if keep:
                     rest = ffi.new("struct uf_msg[]", len(keep))
@@ -1051,16 +1050,7 @@ class Userfaultfd:
         self._stats_py["events_py"] += 1
         event: AnyEvent
         if ev == Event.FORK:
-            # (shielded: a child whose uffd was taken from the message but not handed over
-            # would never be served - its threads would wait for ever)
-            with anyio.CancelScope(shield=True):
-                child = self._adopt_fork(a)
-                if self.on_fork_child is not None:
-                    await self.on_fork_child(child)
-                else:
-                    self._children.append(child)
-                    await tg.start(child._serve_child, self)
-            event = ForkEvent(self, child)
+            event = ForkEvent(self, await self._hand_over_fork(a, tg))
         elif ev == Event.REMAP:
             event = RemapEvent(self, a, b, c)
         elif ev == Event.REMOVE:
@@ -1086,6 +1076,21 @@ class Userfaultfd:
             await h(event)
         if isinstance(event, ErrorEvent) and not handlers and event.what == C.FAIL_READ:
             raise event.error
+
+    async def _hand_over_fork(self, a: int, tg: anyio.abc.TaskGroup | None) -> Userfaultfd:
+        """The child of a FORK message (its uffd in ``a``), served: by whoever set
+        on_fork_child, or in this uffd's serving task group ``tg``.  Shielded: a child
+        whose uffd was taken from the message but not handed over would never be served
+        - its threads would wait for ever."""
+        with anyio.CancelScope(shield=True):
+            child = self._adopt_fork(a)
+            if self.on_fork_child is not None:
+                await self.on_fork_child(child)
+            else:
+                assert tg is not None
+                self._children.append(child)
+                await tg.start(child._serve_child, self)
+        return child
 
     def _adopt_fork(self, a: int) -> Userfaultfd:
         """The child's Userfaultfd of a FORK message (its uffd in ``a``), with this one's
@@ -1122,8 +1127,7 @@ class Userfaultfd:
             w = memoryview(raw[: n * 32]).cast("Q").tolist()
             for i in range(n):
                 if w[4 * i] & 0xFF == Event.FORK:
-                    with anyio.CancelScope(shield=True):
-                        await self.on_fork_child(self._adopt_fork(w[4 * i + 1]))
+                    await self._hand_over_fork(w[4 * i + 1], None)
                     handed += 1
 
     async def _serve_child(

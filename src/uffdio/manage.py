@@ -249,6 +249,9 @@ class ManagedProcess:
         self._no_snapshots = False
         #: a plain batch whose holds were left in place (see _evict_batch_held)
         self._stuck_batch: tuple[int, int, list[tuple[int, int]]] | None = None
+        #: pages a dead manager left in the scratch area, (start, len, scratch address),
+        #: until _recover_finish has read them
+        self._recover_scratch: list[tuple[int, int, int]] = []
         #: the scratch area was not emptied when the connection started (see
         #: _inherits_batch): it is before the first batch
         self._scratch_dirty = False
@@ -516,15 +519,15 @@ class ManagedProcess:
             )
             self.stats["pages_skipped"] += skipped
         except BaseException:
-            if _dead(self.pid) and self._kids_hold(buf, nbytes) and self.manager._tg is not None:
+            if _dead(self.pid):
                 # it died with the MOVE's answer: what moved is in the scratch areas of
                 # children forked since (every piece of the batch may have)
-                every = sorted((o, n) for _s, n, o in placed)
-                self.manager._tg.start_soon(self._rescue_batch, buf, nbytes, every)
-                raise
-            # nothing was moved, or we do not know: pages still in the scratch area are
-            # found there by the recovery snapshot; drop the holds that moved nothing
-            self._settle(buf, nbytes, [])  # synchronous: cancellation cannot cut it
+                self._abandon_batch(buf, nbytes, sorted((o, n) for _s, n, o in placed))
+            else:
+                # nothing was moved, or we do not know: pages still in the scratch area
+                # are found there by the recovery snapshot; drop the holds that moved
+                # nothing (synchronous: cancellation cannot cut it)
+                self._settle(buf, nbytes, [])
             raise
         # moved pieces, as (offset in batch, length), through the triples of the MOVE
         filled: list[tuple[int, int]] = []
@@ -542,12 +545,8 @@ class ManagedProcess:
                     break
                 await anyio.sleep(0.01 * (attempt + 1))
             if err is not None:
-                if _dead(self.pid) and self._kids_hold(buf, nbytes):
-                    # children forked during the batch have its pages (see _rescue_batch)
-                    assert self.manager._tg is not None
-                    self.manager._tg.start_soon(self._rescue_batch, buf, nbytes, filled)
-                elif _dead(self.pid):
-                    self._settle(buf, nbytes, [])  # nobody is left
+                if _dead(self.pid):
+                    self._abandon_batch(buf, nbytes, filled)
                 else:
                     # the holds stay (the pages are in the scratch area: their threads
                     # wait - a settle without them would give zeros) until a successor
@@ -636,6 +635,15 @@ class ManagedProcess:
         finally:
             self._sweeping = False
 
+    def _abandon_batch(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> None:
+        """This process's memory is gone with the batch at buf unread: children forked
+        during it that hold it get its pages from their own scratch areas (_rescue_batch);
+        with none, the batch is settled empty (nobody is left to read it)."""
+        if self._kids_hold(buf, nbytes) and self.manager._tg is not None:
+            self.manager._tg.start_soon(self._rescue_batch, buf, nbytes, filled)
+        else:
+            self._settle(buf, nbytes, [])
+
     def _kids_hold(self, buf: int, nbytes: int) -> bool:
         """Whether the engine of a process other than this one (a fork child, paired or
         not) has HOLD rules of the batch at buf - or may get them: a fork snapshot of
@@ -695,13 +703,9 @@ class ManagedProcess:
         need = _intersect(sorted(need), filled)
         if need and await _read_scratch(q, self.scratch, buf, need) is not None:
             return False
-        flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
-        for i, (o, n) in enumerate(filled):
-            flat[2 * i], flat[2 * i + 1] = o, n
-        lib.uf_rules_settle(e, buf, nbytes, flat, len(filled))
+        self._settle(buf, nbytes, filled, [e])
         self.manager.pages_rescued += sum(n for _, n in need) // PAGE
         q._write_snapshot()
-        self.manager._sweep_scratch()
         log.info(
             "pid %d exited during an eviction batch: pid %d, forked meanwhile, got its pages"
             " from its own scratch area",
@@ -710,14 +714,20 @@ class ManagedProcess:
         )
         return True
 
-    def _settle(self, buf: int, nbytes: int, filled: list[tuple[int, int]]) -> int:
-        flat = ffi.new("uint64_t[]", max(2, 2 * len(filled)))
-        for i, (o, n) in enumerate(filled):
-            flat[2 * i] = o
-            flat[2 * i + 1] = n
+    def _settle(
+        self,
+        buf: int,
+        nbytes: int,
+        filled: list[tuple[int, int]],
+        engines: list[CData] | None = None,
+    ) -> int:
+        """Settle the batch at buf in ``engines`` (default: every engine of the manager):
+        its HOLD rules become rules for the ``filled`` pieces, the rest go.  Returns the
+        pages this process's own engine settled."""
+        flat = _flat(filled)
         pages = 0
         own = self.uffd._engine if self.uffd is not None else None  # (None once closed)
-        for eng in self._engines():
+        for eng in self._engines() if engines is None else engines:
             rc = lib.uf_rules_settle(eng, buf, nbytes, flat, len(filled))
             if eng == own:
                 pages = check(rc, "evict: settle")
@@ -845,7 +855,7 @@ class ManagedProcess:
             words.extend((s, s + ln, SNAP_SCRATCH, self.scratch + boff))
             count += 1
         # pages a dead manager left in the scratch area, not yet read by _recover_finish
-        for s, ln, scr in getattr(self, "_recover_scratch", ()):
+        for s, ln, scr in self._recover_scratch:
             words.extend((s, s + ln, SNAP_SCRATCH, scr))
             count += 1
         words[1] = count
@@ -917,7 +927,7 @@ class ManagedProcess:
         count = len(body) // 4
         e = self.uffd._engine_handle()
         pages = 0
-        self._recover_scratch: list[tuple[int, int, int]] = []
+        self._recover_scratch = []
         for i in range(count):
             start, end, ino, off = body[4 * i : 4 * i + 4]
             if ino == SNAP_SCRATCH:
@@ -952,7 +962,7 @@ class ManagedProcess:
     async def _recover_finish(self) -> None:
         """Pages that sat in the scratch area when the previous manager died: read them
         into the store and serve them from there."""
-        runs = getattr(self, "_recover_scratch", [])
+        runs = self._recover_scratch
         if not runs or self.uffd is None:
             return
         m = self.manager
@@ -1116,15 +1126,7 @@ def _mm_gone(proc: ManagedProcess) -> bool:
 
 def _holds_into(e: CData, buf: int, nbytes: int) -> bool:
     """Whether engine e has a HOLD rule whose data would go to [buf, buf + nbytes)."""
-    cap = 256
-    while True:
-        quads = ffi.new("uint64_t[]", 4 * cap)
-        n = lib.uf_rules_list(e, C.RULE_HOLD, quads, cap)
-        if any(buf <= quads[4 * i + 3] < buf + nbytes for i in range(min(n, cap))):
-            return True
-        if n < cap:
-            return False
-        cap *= 4
+    return bool(_hold_rules(e, buf, nbytes))
 
 
 async def _read_scratch(
@@ -1893,12 +1895,8 @@ class Manager:
             # a plain batch whose pages could not be read, its holds left in place while
             # the process lived; now its old memory is gone: children forked during it
             # have the pages (see _rescue_batch), or nobody needs them
-            buf, nbytes, filled = proc._stuck_batch
-            proc._stuck_batch = None
-            if proc._kids_hold(buf, nbytes) and self._tg is not None:
-                self._tg.start_soon(proc._rescue_batch, buf, nbytes, filled)
-            else:
-                proc._settle(buf, nbytes, [])
+            stuck, proc._stuck_batch = proc._stuck_batch, None
+            proc._abandon_batch(*stuck)
         if self.swap is not None:
             if gone or proc.given_back:
                 # (alive - its agent lost us - its pages wait in the store for whoever
