@@ -490,11 +490,18 @@ class Swap:
 
     def _rescue_kids_of(self, p: _Proc) -> int:
         """Put the tables forked from p's during its open batch into _rescues (see
-        _abandon_batch).  Returns how many."""
+        _abandon_batch).  Returns how many, or -1 when they could not be listed (no
+        memory): then the batch must stay open - its children wait, never read zeros."""
         n = int(lib.uf_pt_kid_list(p.pt, ffi.NULL, 0))
+        if n < 0:
+            self._error(f"pid {p.proc.pid}: its children's tables: {os.strerror(-n)}")
+            return -1
         while n > 0:
             arr = ffi.new("uf_pt *[]", n)
             got = int(lib.uf_pt_kid_list(p.pt, arr, n))
+            if got < 0:
+                self._error(f"pid {p.proc.pid}: its children's tables: {os.strerror(-got)}")
+                return -1
             if got > n:  # (more were forked meanwhile: the references taken go back)
                 for i in range(n):
                     lib.uf_pt_unref(arr[i])
