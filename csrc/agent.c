@@ -92,6 +92,7 @@ struct agent {
 	pthread_mutex_t send_lock;
 	pthread_mutex_t move_lock; /* a MOVE request vs. mlock() noting a range */
 	pthread_mutex_t fence_lock;
+	pthread_mutex_t zap_lock; /* zap_scratch vs. fork() (see zap_scratch) */
 	pthread_cond_t fence_cv;
 	uint64_t seq, fence_seq, fence_done_seq;
 	int64_t fence_rc;
@@ -325,8 +326,16 @@ static int zap_scratch(uint64_t start, uint64_t len)
 	struct uffdio_range r = { start, len };
 	int rc = 0;
 
-	if (A->uffd >= 0 && ioctl(A->uffd, UFFDIO_UNREGISTER, &r) < 0)
-		return -errno;
+	/* fork() waits for the range to be registered again: a child forked in between
+	 * would have its scratch area unregistered with its uffd, for good - the manager
+	 * could neither tell the child's uffd from its siblings' (it writes a token page
+	 * into the scratch area through each candidate) nor move a page there */
+	pthread_mutex_lock(&A->zap_lock);
+	if (A->uffd >= 0 && ioctl(A->uffd, UFFDIO_UNREGISTER, &r) < 0) {
+		rc = -errno;
+		pthread_mutex_unlock(&A->zap_lock);
+		return rc;
+	}
 	if (madvise((void *)start, len, MADV_DONTNEED) < 0)
 		rc = -errno;
 	if (A->uffd >= 0) {
@@ -334,6 +343,7 @@ static int zap_scratch(uint64_t start, uint64_t len)
 		if (r2 < 0 && !rc)
 			rc = r2;
 	}
+	pthread_mutex_unlock(&A->zap_lock);
 	return rc;
 }
 
@@ -847,6 +857,7 @@ static void init_locks(void)
 	pthread_mutex_init(&A->send_lock, NULL);
 	pthread_mutex_init(&A->move_lock, NULL);
 	pthread_mutex_init(&A->fence_lock, NULL);
+	pthread_mutex_init(&A->zap_lock, NULL);
 	pthread_cond_init(&A->fence_cv, NULL);
 }
 
@@ -1093,7 +1104,11 @@ EXPORT pid_t fork(void)
 		real_fork = (pid_t(*)(void))dlsym(RTLD_NEXT, "fork");
 	if (managed && !A->event_fork)
 		fenced = fence() == 0;
+	if (managed)
+		pthread_mutex_lock(&A->zap_lock);
 	pid = real_fork();
+	if (managed && pid != 0)
+		pthread_mutex_unlock(&A->zap_lock); /* (the child's: init_locks below) */
 	if (pid < 0) {
 		if (fenced)
 			send_msg(UF_A_FENCE_END, 0, 0, 0, 0, 0, NULL, 0, -1);

@@ -113,7 +113,12 @@ struct uf_engine {
 	char *bufs;
 	char *rdbuf;
 	int read_armed;
+	int read_poll; /* the read armed is a poll: a table's engine reads itself (uf_pt_read) */
 	int read_failed;
+	/* the table's copies for the FORK messages of the read being processed, taken by
+	 * uf_pt_read, handed out in order (early_next) */
+	uf_pt *early[BUFMSGS];
+	size_t nearly, early_next;
 
 	/* rules (Python adds them from the loop thread) */
 	pthread_mutex_t rules_lock;
@@ -597,8 +602,17 @@ int uf_rules_copy(uf_engine *dst, uf_engine *src)
 /* Apply a non-cooperative event to the rules.  Called in message order. */
 static void rules_event(uf_engine *e, const struct uf_msg *m)
 {
+	size_t k;
+
 	if (e->pt)
 		uf_pt_event(e->pt, m);
+	/* the copies taken for the FORKs further on in this read: an unmap or a remap
+	 * read before the FORK was done before it, as far as the order of the messages can
+	 * tell; a REMOVE read before it was not - the thread that discards waits for its
+	 * message to be read before it zaps, so the child's copy holds the data */
+	for (k = e->early_next; m->event != UFFD_EVENT_REMOVE && k < e->nearly; k++)
+		if (e->early[k])
+			uf_pt_event(e->early[k], m);
 	pthread_mutex_lock(&e->rules_lock);
 	switch (m->event) {
 	case UFFD_EVENT_FORK: { /* a = the child's uffd: snapshot the rules as of the fork */
@@ -608,7 +622,12 @@ static void rules_event(uf_engine *e, const struct uf_msg *m)
 			nf[e->nforks].fd = (int)(uint32_t)m->a;
 			nf[e->nforks].n = e->nrules;
 			nf[e->nforks].rules = malloc((e->nrules ? e->nrules : 1) * sizeof(struct rule));
-			nf[e->nforks].pt = e->pt ? uf_pt_clone(e->pt) : NULL;
+			nf[e->nforks].pt = NULL;
+			if (e->early_next < e->nearly)
+				nf[e->nforks].pt = e->early[e->early_next++];
+			if (!nf[e->nforks].pt && e->pt) /* (the copy at the read failed, or the
+							  * read was not a table's) */
+				nf[e->nforks].pt = uf_pt_clone(e->pt);
 			if (nf[e->nforks].rules) {
 				if (e->nrules) /* memcpy from NULL is undefined even for 0 bytes */
 					memcpy(nf[e->nforks].rules, e->rules, e->nrules * sizeof(struct rule));
@@ -703,7 +722,10 @@ static int arm_read(uf_engine *e)
 	sqe = get_sqe(e);
 	if (!sqe)
 		return -EBUSY;
-	if (e->multishot) {
+	e->read_poll = e->pt != NULL;
+	if (e->read_poll) {
+		io_uring_prep_poll_add(sqe, e->uffd, POLLIN);
+	} else if (e->multishot) {
 		io_uring_prep_rw(IORING_OP_READ_MULTISHOT, sqe, e->uffd, NULL, 0, 0);
 		sqe->flags |= IOSQE_BUFFER_SELECT;
 		sqe->buf_group = BGID;
@@ -1057,11 +1079,46 @@ static void retry_deferred(uf_engine *e)
 
 /* ---- completion processing ----------------------------------------------------------- */
 
+/* A table's engine: the poll on the uffd fired; read with the table locked (see
+ * uf_pt_read for why), up to 8 reads, so that the other completions get their turn (the
+ * poll armed again fires at once when more messages wait). */
+static void read_locked(uf_engine *e)
+{
+	int round;
+
+	for (round = 0; round < 8; round++) {
+		size_t nc = 0, k;
+		ssize_t n;
+		if (e->stopping || __atomic_load_n(&e->hold_want, __ATOMIC_ACQUIRE) || !e->pt)
+			return;
+		n = uf_pt_read(e->pt, e->uffd, e->rdbuf, BUFMSGS * sizeof(struct uf_msg), e->early, BUFMSGS, &nc);
+		if (n <= 0) {
+			if (n < 0 && n != -EAGAIN && n != -EINTR) {
+				e->read_failed = 1;
+				report(e, (int)n, 0, UF_FAIL_READ);
+			}
+			return;
+		}
+		e->nearly = nc;
+		e->early_next = 0;
+		handle_msgs(e, (struct uf_msg *)e->rdbuf, (size_t)n / sizeof(struct uf_msg));
+		for (k = e->early_next; k < e->nearly; k++) /* (none: one per FORK message) */
+			if (e->early[k])
+				uf_pt_unref(e->early[k]);
+		e->nearly = e->early_next = 0;
+		if ((size_t)n < BUFMSGS * sizeof(struct uf_msg))
+			return;
+	}
+}
+
 static void on_read(uf_engine *e, struct io_uring_cqe *cqe)
 {
-	int more = e->multishot && (cqe->flags & IORING_CQE_F_MORE);
+	int more = !e->read_poll && e->multishot && (cqe->flags & IORING_CQE_F_MORE);
 
-	if (cqe->res > 0) {
+	if (e->read_poll) {
+		if (cqe->res > 0)
+			read_locked(e);
+	} else if (cqe->res > 0) {
 		if (e->multishot) {
 			unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
 			char *b = e->bufs + (size_t)bid * BUFMSGS * sizeof(struct uf_msg);
@@ -1179,8 +1236,11 @@ static void process_cqes(uf_engine *e)
 static void hold_step(uf_engine *e)
 {
 	int want = __atomic_load_n(&e->hold_want, __ATOMIC_ACQUIRE);
+	/* a table given to an engine whose read was armed before: that read is ended and
+	 * the poll armed in its place (uf_pt_read) */
+	int rearm = e->read_armed && !e->read_poll && e->pt && !e->stopping;
 
-	if (want && e->read_armed && !e->hold_cancel_sent) {
+	if ((want || rearm) && e->read_armed && !e->hold_cancel_sent) {
 		struct io_uring_sqe *sqe = get_sqe(e);
 		if (sqe) {
 			io_uring_prep_cancel64(sqe, UD(UD_READ, 0), 0);
@@ -1525,6 +1585,7 @@ int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget)
 		uf_pt_unref(e->pt);
 	e->pt = pt;
 	pthread_mutex_unlock(&e->rules_lock);
+	uf_engine_kick(e); /* (its read becomes a poll: hold_step) */
 	return 0;
 }
 

@@ -929,6 +929,7 @@ int uf_store_get(uf_store *s, uint64_t h, void *out)
 
 struct uf_pt;
 static void persist_batch(struct uf_pt *pt, uint64_t scratch);
+static int defer_copyback(struct uf_pt *pt, uint64_t addr, const void *data);
 
 struct leafslot {
 	uint64_t key; /* (vpn >> LEAF_SHIFT) + 1; 0 = empty */
@@ -1366,22 +1367,22 @@ int uf_pt_state(uf_pt *pt, uint64_t addr, uint64_t *slot_out)
 
 /* Copy of the table for a forked child (called by the engine at the FORK message, so
  * the child sees the parent as it was at the fork).  Every slot gains a reference. */
-uf_pt *uf_pt_clone(uf_pt *pt)
+/* Copy pt into the new, empty table c (pt->lock held): its entries (their store
+ * references counted), and the batch in flight - c becomes one of pt's kids, which the
+ * batch's commit decides alike - with the copy-backs kept for it (pages whose put failed
+ * and whose install met EAGAIN: TRANSIT in both, installed in c once it has a uffd).
+ * 0 or -ENOMEM (c is then for the caller to drop). */
+static int clone_locked(uf_pt *pt, uf_pt *c)
 {
-	int err;
-	uf_pt *c = uf_pt_new(pt->store, &err);
 	size_t i, j;
 
-	if (!c)
-		return NULL;
-	pthread_mutex_lock(&pt->lock);
 	c->epoch = pt->epoch;
 	c->wp = pt->wp;
 	c->budget = pt->budget;
 	if (pt->ntab) {
 		c->tab = calloc(pt->ntab, sizeof(*c->tab));
 		if (!c->tab)
-			goto fail;
+			return -ENOMEM;
 		c->ntab = pt->ntab;
 	}
 	st_lock(pt->store);
@@ -1391,7 +1392,7 @@ uf_pt *uf_pt_clone(uf_pt *pt)
 		c->tab[i].ents = leaf_new(c, pt->tab[i].key);
 		if (!c->tab[i].ents) {
 			st_unlock(pt->store);
-			goto fail;
+			return -ENOMEM;
 		}
 		c->tab[i].key = pt->tab[i].key;
 		memcpy(c->tab[i].ents, pt->tab[i].ents, LEAF_N * sizeof(uint64_t));
@@ -1401,16 +1402,17 @@ uf_pt *uf_pt_clone(uf_pt *pt)
 	}
 	st_unlock(pt->store);
 	memcpy(c->counts, pt->counts, sizeof(c->counts));
+	for (i = 0; i < pt->ncb; i++)
+		if (defer_copyback(c, pt->cb[i].addr, pt->cb[i].data) < 0)
+			return -ENOMEM;
 	if (pt->batch) {
 		uf_pt **nk = realloc(pt->kids, (pt->nkids + 1) * sizeof(*nk));
 		c->runs = malloc((pt->nruns ? pt->nruns : 1) * 2 * sizeof(uint64_t));
 		c->log = malloc((pt->nlog ? pt->nlog : 1) * sizeof(struct remap));
-		if (!nk || !c->runs || !c->log) {
-			if (nk)
-				pt->kids = nk;
-			goto fail;
-		}
-		pt->kids = nk;
+		if (nk)
+			pt->kids = nk;
+		if (!nk || !c->runs || !c->log)
+			return -ENOMEM;
 		memcpy(c->runs, pt->runs, pt->nruns * 2 * sizeof(uint64_t));
 		c->nruns = c->capruns = pt->nruns;
 		memcpy(c->log, pt->log, pt->nlog * sizeof(struct remap));
@@ -1419,12 +1421,69 @@ uf_pt *uf_pt_clone(uf_pt *pt)
 		persist_batch(c, pt->th->scratch);
 		pt->kids[pt->nkids++] = uf_pt_ref(c);
 	}
+	return 0;
+}
+
+uf_pt *uf_pt_clone(uf_pt *pt)
+{
+	int err;
+	uf_pt *c = uf_pt_new(pt->store, &err);
+
+	if (!c)
+		return NULL;
+	pthread_mutex_lock(&pt->lock);
+	err = clone_locked(pt, c);
 	pthread_mutex_unlock(&pt->lock);
+	if (err) {
+		uf_pt_unref(c);
+		return NULL;
+	}
 	return c;
-fail:
+}
+
+/* Read messages from the uffd with the table locked, and copy the table for each FORK
+ * among them before the lock is let go (clones[i]: the i-th FORK's copy, NULL if it
+ * failed; *nclones of them).
+ *
+ * Why here and not when the engine reaches the FORK message: the kernel copies the
+ * parent's page tables into the child before it queues FORK, and from the start of that
+ * copy until the FORK is read every UFFDIO_COPY, ZEROPAGE, MOVE and WRITEPROTECT on the
+ * parent's uffd fails with EAGAIN (mmap_changing).  Every change that makes a page
+ * present is made with this lock held, together with the entry it changes (installs,
+ * copy-backs, fill_all).  So a change made before this read is in the child's memory,
+ * and one made after it is not - and must not be in the child's table.  A copy taken
+ * later would have the pages installed for the faults that came before the FORK in the
+ * same read (a read returns faults before events): the child has no such page, and its
+ * table would call it resident - a write fault's page is NONE after the install, so the
+ * child would read zeros where its data is in the store.  The events before a FORK in
+ * the same read are applied to its copy by the engine, in order (uf_pt_event_fork).
+ * Returns the bytes read, or -errno (-EAGAIN: nothing to read). */
+ssize_t uf_pt_read(uf_pt *pt, int fd, void *buf, size_t len, uf_pt **clones, size_t maxclones,
+		   size_t *nclones)
+{
+	const struct uf_msg *m = buf;
+	ssize_t n;
+	size_t i;
+
+	*nclones = 0;
+	pthread_mutex_lock(&pt->lock);
+	n = read(fd, buf, len);
+	if (n < 0)
+		n = -errno;
+	for (i = 0; n > 0 && i < (size_t)n / sizeof(*m); i++) {
+		int err;
+		uf_pt *c;
+		if (m[i].event != UFFD_EVENT_FORK || *nclones == maxclones)
+			continue;
+		c = uf_pt_new(pt->store, &err);
+		if (c && clone_locked(pt, c) < 0) {
+			uf_pt_unref(c);
+			c = NULL;
+		}
+		clones[(*nclones)++] = c;
+	}
 	pthread_mutex_unlock(&pt->lock);
-	uf_pt_unref(c);
-	return NULL;
+	return n;
 }
 
 /* ---- events (engine thread, in message order) ---------------------------------- */

@@ -452,6 +452,29 @@ def test_forks_of_forks_during_eviction_batches(swaptest: str, tmp_path: Path) -
     assert stats["pages_evicted"] > 0
 
 
+def test_fork_while_evicted_pages_are_written_back_gives_the_child_every_page(
+    swaptest: str, tmp_path: Path
+) -> None:
+    """Four threads rewrite random pages of an area whole, writing first (an evicted page
+    comes back on a write fault, and its entry drops the store copy), while another forks
+    again and again; each child checks the pages being written and the last ones written
+    at the fork (and every page at every 16th fork).  The kernel copies the parent's
+    memory before it queues FORK, and a read returns pending faults before events: the
+    engine used to serve those faults and then copy the table, so a page that came back
+    in the parent was resident in the child's table but missing in the child, which read
+    zeros - 5 runs in 5 on that code, within a second.  The table is now copied under
+    the lock its reads take (uf_pt_read)."""
+    stats, _, _ = run_limited(
+        swaptest,
+        tmp_path,
+        ["32", "rand", "10000", "2", "30"],
+        "--limit",
+        "8M",
+        env={"SWAPTEST_FORKS": "4", "SWAPTEST_WRITER": "2048", "SWAPTEST_WRITERS": "4"},
+    )
+    assert stats["pages_evicted"] > 0
+
+
 async def test_plain_eviction_of_an_address_mapped_anew(swaptest: str) -> None:
     """The same, for Manager.evict without userspace swap (the engine's rules): an
     unmapped range's HOLD rule is gone by the time the MOVE is decided, so the new

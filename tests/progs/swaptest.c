@@ -23,6 +23,12 @@
  * SWAPTEST_FORKS=N: one more thread, while the others run, reads an N-page area that
  *   never changes, forks a child that forks a grandchild, and both check the area -
  *   again and again, forks landing in eviction batches.
+ * SWAPTEST_WRITER=N (with SWAPTEST_FORKS): SWAPTEST_WRITERS threads more (default 1)
+ *   rewrite random pages of an N-page area whole, writing first (no read before: a page
+ *   that was evicted comes back on a write fault), while the forks go on; each fork's
+ *   child checks that area as it was at the fork - a page being written then may be torn
+ *   between its two versions, never zeros.  The versions and the pages being written
+ *   live in the area's first pages (one mapping: the fork copies them with the data).
  * Prints "ok checked=N" and exits 0, or prints the first mismatch and exits 1.
  */
 #define _GNU_SOURCE
@@ -189,6 +195,73 @@ static struct thr *threads;
 static volatile int churn_stop;
 static unsigned long churn_rounds;
 
+/* SWAPTEST_WRITER: the area's first pages hold, for each writer thread t (page i is
+ * thread i % nwriters's), wmeta[t] = the page it is writing (+1; 0: none), wmeta[WMAX + t]
+ * = how many it wrote, wmeta[WRING + t * WRECENT + k % WRECENT] = the last ones; and
+ * wmeta[WVER + i] = page i's version.  The pages follow, in the same mapping. */
+#define WMAX 8
+#define WRECENT 16
+#define WRING (2 * WMAX)
+#define WVER (WRING + WMAX * WRECENT)
+static volatile uint64_t *wmeta;
+static uint8_t *wdata;
+static size_t wpages, nwriters;
+
+static void *writer(void *arg)
+{
+	size_t t = (size_t)arg, own = (wpages - t + nwriters - 1) / nwriters;
+	uint64_t rng = 12345 + t;
+
+	while (!churn_stop) {
+		size_t i = (size_t)((rng = mix(rng + 0x9e3779b97f4a7c15ULL)) % own) * nwriters + t;
+		uint64_t ver = wmeta[WVER + i] + 1;
+		wmeta[t] = i + 1;
+		fill((uint64_t *)(wdata + i * PAGE), (3ULL << 40) + i, ver); /* writes word 0 first */
+		wmeta[WVER + i] = ver;
+		wmeta[WRING + t * WRECENT + wmeta[WMAX + t] % WRECENT] = i;
+		wmeta[WMAX + t]++;
+		wmeta[t] = 0;
+	}
+	return NULL;
+}
+
+/* In a fork child: page i of the writers' area as it was at the fork. */
+static void check_writer_page(const char *who, size_t i)
+{
+	const uint64_t *p = (const uint64_t *)(wdata + i * PAGE);
+	uint64_t ver, idx = (3ULL << 40) + i, v = wmeta[WVER + i];
+
+	if (i + 1 == wmeta[i % nwriters]) {
+		/* being written at the fork: every word of version v or v + 1 */
+		uint64_t a[WORDS], b[WORDS];
+		fill(a, idx, v);
+		fill(b, idx, v + 1);
+		for (int w = 0; w < WORDS; w++)
+			if (p[w] != a[w] && p[w] != b[w])
+				fail(who, idx, -5, p);
+		return;
+	}
+	int r = verify(p, idx, &ver);
+	if (r || ver != v)
+		fail(who, idx, r ? r : -4, p);
+}
+
+/* The pages being written and the last ones written (most likely to have come back on a
+ * write fault just before the fork), and every page at every 16th fork. */
+static void check_writer(const char *who)
+{
+	for (size_t t = 0; t < nwriters; t++) {
+		size_t n = wmeta[WMAX + t] < WRECENT ? (size_t)wmeta[WMAX + t] : WRECENT;
+		if (wmeta[t])
+			check_writer_page(who, (size_t)wmeta[t] - 1);
+		for (size_t k = 0; k < n; k++)
+			check_writer_page(who, (size_t)wmeta[WRING + t * WRECENT + k]);
+	}
+	if (churn_rounds % 16 == 0)
+		for (size_t i = 0; i < wpages; i++)
+			check_writer_page(who, i);
+}
+
 static void *forker(void *arg)
 {
 	size_t n = (size_t)arg;
@@ -210,6 +283,8 @@ static void *forker(void *arg)
 		}
 		pid_t pid = fork();
 		if (pid == 0) {
+			if (wpages)
+				check_writer("writer's area in fork child");
 			pid_t g = fork();
 			for (size_t i = 0; i < n; i++) {
 				int r = verify((const uint64_t *)(a + i * PAGE), (2ULL << 40) + i, &ver);
@@ -412,6 +487,31 @@ int main(int argc, char **argv)
 	size_t churn = getenv("SWAPTEST_CHURN") ? (size_t)atol(getenv("SWAPTEST_CHURN")) : 0;
 	if (churn)
 		pthread_create(&ctid, NULL, churner, (void *)churn);
+	pthread_t wtid[WMAX];
+	wpages = getenv("SWAPTEST_WRITER") ? (size_t)atol(getenv("SWAPTEST_WRITER")) : 0;
+	nwriters = getenv("SWAPTEST_WRITERS") ? (size_t)atol(getenv("SWAPTEST_WRITERS")) : 1;
+	if (nwriters < 1 || nwriters > WMAX || (wpages && wpages < nwriters)) {
+		fprintf(stderr, "SWAPTEST_WRITERS: 1 to %d, at most SWAPTEST_WRITER\n", WMAX);
+		return 2;
+	}
+	if (wpages) {
+		size_t meta = (WVER + wpages) * 8 / PAGE + 1;
+		uint8_t *w = mmap(NULL, (meta + wpages) * PAGE, PROT_READ | PROT_WRITE,
+				  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+		if (w == MAP_FAILED) {
+			perror("writer mmap");
+			return 2;
+		}
+		madvise(w, (meta + wpages) * PAGE, MADV_NOHUGEPAGE);
+		wmeta = (volatile uint64_t *)w;
+		wdata = w + meta * PAGE;
+		for (size_t i = 0; i < wpages; i++) {
+			fill((uint64_t *)(wdata + i * PAGE), (3ULL << 40) + i, 1);
+			wmeta[WVER + i] = 1;
+		}
+		for (size_t t = 0; t < nwriters; t++)
+			pthread_create(&wtid[t], NULL, writer, (void *)t);
+	}
 	pthread_t ftid;
 	size_t forks = getenv("SWAPTEST_FORKS") ? (size_t)atol(getenv("SWAPTEST_FORKS")) : 0;
 	if (forks)
@@ -423,6 +523,8 @@ int main(int argc, char **argv)
 		pthread_join(ctid, NULL);
 	if (forks)
 		pthread_join(ftid, NULL);
+	for (size_t t = 0; wpages && t < nwriters; t++)
+		pthread_join(wtid[t], NULL);
 	check_all("final");
 	printf("ok checked=%lu pages=%zu churn=%lu\n", (unsigned long)checked, live_pages, churn_rounds);
 	return 0;
