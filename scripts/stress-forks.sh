@@ -5,8 +5,12 @@
 # with raw system calls (SWAPTEST_CHURN), while a busy loop takes one CPU.  Stops at the
 # first failure or hang (see STRESS_CORES below for core dumps).
 #   usage: scripts/stress-forks.sh [RUNS]   (about 6 s a run here; 2 failures in 27 runs
-#   were seen on 2026-11-27: a fork child aborting in malloc - its heap's top chunk read
-#   as zeros - while it created its agent thread)
+#   were seen on 2026-11-26: a fork child aborting in malloc - its heap's top chunk read
+#   as zeros - while it created its agent thread; explained on 2026-11-27: a page brought
+#   back in the parent between the fork's copy and the table's, see README "Forks while
+#   faults are served")
+#   STRESS_WRITER=PAGES STRESS_WRITERS=N: also N threads that write evicted pages first
+#   while the forks go on (SWAPTEST_WRITER), checked by the fork children
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -22,7 +26,8 @@ ulimit -c unlimited
 ( while :; do :; done ) & BUSY=$!
 trap 'kill $BUSY 2>/dev/null' EXIT
 for i in $(seq 1 "${1:-30}"); do
-  SWAPTEST_FORKS=4 SWAPTEST_CHURN=64 $PY -m uffdio run --limit 8M --churn 0.02 -- \
+  SWAPTEST_FORKS=4 SWAPTEST_CHURN=64 SWAPTEST_WRITER=${STRESS_WRITER:-0} \
+    SWAPTEST_WRITERS=${STRESS_WRITERS:-1} $PY -m uffdio run --limit 8M --churn 0.02 -- \
     "$SW" 32 rand 30000 2 30 fmrd > /tmp/stress.out 2> /tmp/stress.err & P=$!
   for _ in $(seq 1 120); do kill -0 $P 2>/dev/null || break; sleep 1; done
   if kill -0 $P 2>/dev/null; then
