@@ -632,6 +632,8 @@ static void rules_event(uf_engine *e, const struct uf_msg *m)
 				if (e->nrules) /* memcpy from NULL is undefined even for 0 bytes */
 					memcpy(nf[e->nforks].rules, e->rules, e->nrules * sizeof(struct rule));
 				e->nforks++;
+			} else if (nf[e->nforks].pt) {
+				uf_pt_unref(nf[e->nforks].pt);
 			}
 		}
 		break;
@@ -1116,8 +1118,12 @@ static void on_read(uf_engine *e, struct io_uring_cqe *cqe)
 	int more = !e->read_poll && e->multishot && (cqe->flags & IORING_CQE_F_MORE);
 
 	if (e->read_poll) {
-		if (cqe->res > 0)
+		if (cqe->res > 0) {
 			read_locked(e);
+		} else if (cqe->res < 0 && cqe->res != -EAGAIN && cqe->res != -EINTR && cqe->res != -ECANCELED) {
+			e->read_failed = 1; /* (not armed again: no spinning on a poll that fails) */
+			report(e, cqe->res, 0, UF_FAIL_READ);
+		}
 	} else if (cqe->res > 0) {
 		if (e->multishot) {
 			unsigned bid = cqe->flags >> IORING_CQE_BUFFER_SHIFT;
@@ -1571,9 +1577,16 @@ void uf_engine_free(uf_engine *e)
 int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget)
 {
 	void *b = NULL;
+	int held;
 
 	if (pt && !e->swbuf && posix_memalign(&b, UF_PAGE, (UF_RA_MAX + 1) * UF_PAGE))
 		return -ENOMEM;
+	/* a running engine's read is ended first (a FORK it read would be copied from the
+	 * table late, see uf_pt_read), and armed again as the table's poll when let go; if
+	 * the hold cannot be had, hold_step ends that read all the same, a moment later.
+	 * (Called before anything else holds the engine: Swap.attach, at the start of a
+	 * process's connection, before it can be evicted from - holds do not nest.) */
+	held = pt && e->started && e->thread_mode && uf_engine_hold(e, 1, 2000) == 0;
 	pthread_mutex_lock(&e->rules_lock);
 	if (b)
 		e->swbuf = b;
@@ -1585,7 +1598,10 @@ int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget)
 		uf_pt_unref(e->pt);
 	e->pt = pt;
 	pthread_mutex_unlock(&e->rules_lock);
-	uf_engine_kick(e); /* (its read becomes a poll: hold_step) */
+	if (held)
+		uf_engine_hold(e, 0, 0);
+	else
+		uf_engine_kick(e); /* (its read becomes a poll: hold_step) */
 	return 0;
 }
 
