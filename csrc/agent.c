@@ -92,10 +92,6 @@ struct agent {
 	pthread_mutex_t send_lock;
 	pthread_mutex_t move_lock; /* a MOVE request vs. mlock() noting a range */
 	pthread_mutex_t fence_lock;
-	/* zap_scratch vs. fork() (see zap_scratch): zapping, forking and zap_cv under it */
-	pthread_mutex_t zap_lock;
-	pthread_cond_t zap_cv;
-	int zapping, forking;
 	pthread_cond_t fence_cv;
 	uint64_t seq, fence_seq, fence_done_seq;
 	int64_t fence_rc;
@@ -329,37 +325,15 @@ static int zap_scratch(uint64_t start, uint64_t len)
 	struct uffdio_range r = { start, len };
 	int rc = 0;
 
-	/* A child forked while the range is unregistered would keep it unregistered with
-	 * its uffd for good - the manager could neither tell the child's uffd from its
-	 * siblings' (it writes a token page into the scratch area through each candidate)
-	 * nor move a page there.  So fork() waits for a zap in progress; but a zap never
-	 * waits for a fork: a fork waits for the manager to read its FORK message, and the
-	 * manager may hold that read until we answer (a MOVE under the engine hold).  While
-	 * a fork is on its way the zap is not done (-EAGAIN: the caller keeps the range and
-	 * tries again; a MOVE into a page still there is refused, EEXIST, and the page
-	 * simply stays in the program). */
-	pthread_mutex_lock(&A->zap_lock);
-	if (A->forking) {
-		pthread_mutex_unlock(&A->zap_lock);
-		return -EAGAIN;
-	}
-	A->zapping = 1;
-	pthread_mutex_unlock(&A->zap_lock);
-	if (A->uffd >= 0 && ioctl(A->uffd, UFFDIO_UNREGISTER, &r) < 0) {
+	if (A->uffd >= 0 && ioctl(A->uffd, UFFDIO_UNREGISTER, &r) < 0)
+		return -errno;
+	if (madvise((void *)start, len, MADV_DONTNEED) < 0)
 		rc = -errno;
-	} else {
-		if (madvise((void *)start, len, MADV_DONTNEED) < 0)
-			rc = -errno;
-		if (A->uffd >= 0) {
-			int r2 = uffd_register(A->uffd, start, len);
-			if (r2 < 0 && !rc)
-				rc = r2;
-		}
+	if (A->uffd >= 0) {
+		int r2 = uffd_register(A->uffd, start, len);
+		if (r2 < 0 && !rc)
+			rc = r2;
 	}
-	pthread_mutex_lock(&A->zap_lock);
-	A->zapping = 0;
-	pthread_cond_broadcast(&A->zap_cv);
-	pthread_mutex_unlock(&A->zap_lock);
 	return rc;
 }
 
@@ -873,9 +847,6 @@ static void init_locks(void)
 	pthread_mutex_init(&A->send_lock, NULL);
 	pthread_mutex_init(&A->move_lock, NULL);
 	pthread_mutex_init(&A->fence_lock, NULL);
-	pthread_mutex_init(&A->zap_lock, NULL);
-	pthread_cond_init(&A->zap_cv, NULL);
-	A->zapping = A->forking = 0;
 	pthread_cond_init(&A->fence_cv, NULL);
 }
 
@@ -1122,19 +1093,7 @@ EXPORT pid_t fork(void)
 		real_fork = (pid_t(*)(void))dlsym(RTLD_NEXT, "fork");
 	if (managed && !A->event_fork)
 		fenced = fence() == 0;
-	if (managed) { /* (see zap_scratch) */
-		pthread_mutex_lock(&A->zap_lock);
-		while (A->zapping)
-			pthread_cond_wait(&A->zap_cv, &A->zap_lock);
-		A->forking++;
-		pthread_mutex_unlock(&A->zap_lock);
-	}
 	pid = real_fork();
-	if (managed && pid != 0) { /* (the child's state: init_locks below) */
-		pthread_mutex_lock(&A->zap_lock);
-		A->forking--;
-		pthread_mutex_unlock(&A->zap_lock);
-	}
 	if (pid < 0) {
 		if (fenced)
 			send_msg(UF_A_FENCE_END, 0, 0, 0, 0, 0, NULL, 0, -1);

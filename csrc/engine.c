@@ -1577,16 +1577,9 @@ void uf_engine_free(uf_engine *e)
 int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget)
 {
 	void *b = NULL;
-	int held;
 
 	if (pt && !e->swbuf && posix_memalign(&b, UF_PAGE, (UF_RA_MAX + 1) * UF_PAGE))
 		return -ENOMEM;
-	/* a running engine's read is ended first (a FORK it read would be copied from the
-	 * table late, see uf_pt_read), and armed again as the table's poll when let go; if
-	 * the hold cannot be had, hold_step ends that read all the same, a moment later.
-	 * (Called before anything else holds the engine: Swap.attach, at the start of a
-	 * process's connection, before it can be evicted from - holds do not nest.) */
-	held = pt && e->started && e->thread_mode && uf_engine_hold(e, 1, 2000) == 0;
 	pthread_mutex_lock(&e->rules_lock);
 	if (b)
 		e->swbuf = b;
@@ -1598,10 +1591,11 @@ int uf_engine_set_pt(uf_engine *e, uf_pt *pt, int wp, uf_budget *budget)
 		uf_pt_unref(e->pt);
 	e->pt = pt;
 	pthread_mutex_unlock(&e->rules_lock);
-	if (held)
-		uf_engine_hold(e, 0, 0);
-	else
-		uf_engine_kick(e); /* (its read becomes a poll: hold_step) */
+	/* its read becomes a poll (hold_step ends the armed read): a FORK that read takes
+	 * meanwhile - a few microseconds at a process's connection - gets its copy of the
+	 * table late, when the engine reaches it (a hold here would stall the caller, the
+	 * event loop, and holds do not nest) */
+	uf_engine_kick(e);
 	return 0;
 }
 

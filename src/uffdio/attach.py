@@ -376,13 +376,12 @@ class AttachedProcess(ManagedProcess):
             skipped += (n_ - done) // PAGE  # refused pages stay; the next round retries
         return moved, skipped, 0
 
-    async def _op_dontneed(self, ranges: list[int]) -> bool:
+    async def _op_dontneed(self, ranges: list[int]) -> None:
         calls = [(NR_MADVISE, ranges[i], ranges[i + 1], 4) for i in range(0, len(ranges), 2)]
         rets = await self._inject(calls)
         for r in rets:
             if r < 0:
                 raise error_for(-r, "evict: emptying the scratch area", f"pid {self.pid}")
-        return True
 
     async def release(self) -> None:
         """Bring every evicted page back, unregister everything, close the uffd and unmap

@@ -374,15 +374,9 @@ class ManagedProcess:
         r = await self.request(P.M_MOVE, triples, b=zs, c=zl, timeout=None)
         return r.words, r.b, min(0, r.a)
 
-    async def _op_dontneed(self, ranges: list[int]) -> bool:
-        """Empty ranges of the scratch area.  False when the agent put it off because a
-        fork() of the program is on its way (EAGAIN; the range is to be emptied later -
-        meanwhile a MOVE onto a page still there is refused and that page stays put)."""
+    async def _op_dontneed(self, ranges: list[int]) -> None:
         r = await self.request(P.M_DONTNEED, ranges)
-        if r.a == -errno.EAGAIN:
-            return False
         check(r.a, "evict: emptying the scratch area", f"pid {self.pid}")
-        return True
 
     async def scan(self) -> list[tuple[int, int]]:
         """Register new anonymous mappings; returns the registered regions."""
@@ -566,8 +560,8 @@ class ManagedProcess:
             # the last whole snapshot still says the batch's pages are in the scratch
             # area: it stays full (emptied before the next batch, after a snapshot)
             self._scratch_dirty = self._scratch_dirty or bool(used)
-        elif used and not await self._op_dontneed([self.scratch, used]):
-            self._scratch_dirty = True
+        elif used:
+            await self._op_dontneed([self.scratch, used])
         self.stats["evictions"] += 1
         self.stats["pages_evicted"] += pages
         if move_err:  # (what moved before the agent's error is evicted above)
@@ -626,8 +620,8 @@ class ManagedProcess:
         start left it (see _inherits_batch), or a batch whose snapshot was not written -
         once a snapshot says it is no longer needed."""
         if self._scratch_dirty and (self.manager.swap is not None or self._write_snapshot()):
-            r = await self.request(P.M_DONTNEED, [self.scratch, self.scratch_len])
-            self._scratch_dirty = r.a == -errno.EAGAIN  # (a fork on its way: later)
+            await self.request(P.M_DONTNEED, [self.scratch, self.scratch_len])
+            self._scratch_dirty = False
 
     async def _empty_scratch_soon(self) -> None:
         """The inherited batch closed: empty the scratch area now (Manager._sweep_scratch)

@@ -999,8 +999,8 @@ class Swap:
         zaps that ride along with a MOVE cost no time of ours)."""
         assert p.zap is not None
         t = time.perf_counter()
-        if await p.proc._op_dontneed(list(p.zap)):
-            p.zap = None  # (else a fork was on its way: tried again with the next batch)
+        await p.proc._op_dontneed(list(p.zap))
+        p.zap = None
         self.evict_seconds["zap"] += time.perf_counter() - t
 
     async def _batch(
