@@ -89,7 +89,9 @@ struct agent {
 	uint64_t scratch, scratch_len;
 	uint64_t zap_start, zap_len; /* a deferred zap of scratch that failed: retried */
 	uint64_t region, region_len; /* this struct, buffers and the thread's stack */
-	pthread_mutex_t send_lock;
+	/* send_msg holds no lock (see there): sends in flight, and a dropped connection's
+	 * descriptor that is closed once none is */
+	int senders, old_sock;
 	pthread_mutex_t move_lock; /* a MOVE request vs. mlock() noting a range */
 	pthread_mutex_t fence_lock;
 	pthread_cond_t fence_cv;
@@ -209,7 +211,7 @@ static int send_msg(uint32_t type, uint32_t flags, uint64_t seq, int64_t a, int6
 	struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)words, n * 8 } };
 	char cbuf[CMSG_SPACE(sizeof(int))];
 	struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n ? 2 : 1 };
-	int rc;
+	int rc, s;
 
 	if (fd >= 0) {
 		struct cmsghdr *cm;
@@ -222,9 +224,17 @@ static int send_msg(uint32_t type, uint32_t flags, uint64_t seq, int64_t a, int6
 		cm->cmsg_len = CMSG_LEN(sizeof(int));
 		memcpy(CMSG_DATA(cm), &fd, sizeof(int));
 	}
-	pthread_mutex_lock(&A->send_lock);
-	rc = A->sock < 0 ? -ENOTCONN : (sendmsg(A->sock, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0);
-	pthread_mutex_unlock(&A->send_lock);
+	/* No lock is held while the kernel copies the message from the caller's memory: a
+	 * program thread's stack page can be missing (a MOVE took it a moment ago) and the
+	 * copy then waits on the fault - which waits for the batch, which waits for this
+	 * agent's answer to the MOVE.  Had the sender held a lock the agent thread needs to
+	 * answer, nothing would move again.  SOCK_SEQPACKET keeps concurrent messages whole;
+	 * the count keeps a dropped connection's descriptor from being closed (and its
+	 * number reused by another file) under a sender that read it (drop_sock). */
+	__atomic_add_fetch(&A->senders, 1, __ATOMIC_SEQ_CST);
+	s = __atomic_load_n(&A->sock, __ATOMIC_SEQ_CST);
+	rc = s < 0 ? -ENOTCONN : (sendmsg(s, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0);
+	__atomic_sub_fetch(&A->senders, 1, __ATOMIC_SEQ_CST);
 	return rc;
 }
 
@@ -757,6 +767,28 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 	}
 }
 
+/* The agent thread: end the connection (the manager sees it end now) and close its
+ * descriptor once no send_msg is in flight - one that read it before the exchange is
+ * counted in senders (sequentially consistent: it counts itself before it reads).  One
+ * left open is closed at the next drop or connect; a second one meanwhile is leaked
+ * (a sender stuck that long on a fault). */
+static void drop_sock(void)
+{
+	int s = __atomic_exchange_n(&A->sock, -1, __ATOMIC_SEQ_CST);
+
+	if (s >= 0)
+		shutdown(s, SHUT_RDWR);
+	if (__atomic_load_n(&A->senders, __ATOMIC_SEQ_CST) == 0) {
+		if (A->old_sock >= 0)
+			close(A->old_sock);
+		A->old_sock = -1;
+		if (s >= 0)
+			close(s);
+	} else if (s >= 0) {
+		A->old_sock = s;
+	}
+}
+
 static void *agent_main(void *arg)
 {
 	(void)arg;
@@ -773,10 +805,7 @@ static void *agent_main(void *arg)
 				continue;
 		}
 		/* detached, or the manager went away */
-		pthread_mutex_lock(&A->send_lock);
-		close(A->sock);
-		A->sock = -1;
-		pthread_mutex_unlock(&A->send_lock);
+		drop_sock();
 		if (A->detached) {
 			if (A->uffd >= 0)
 				close(A->uffd);
@@ -793,19 +822,15 @@ static void *agent_main(void *arg)
 		for (;;) {
 			int s = connect_manager();
 			if (s >= 0) {
-				pthread_mutex_lock(&A->send_lock);
-				A->sock = s;
-				pthread_mutex_unlock(&A->send_lock);
+				drop_sock(); /* (only an old descriptor left open, if any) */
+				__atomic_store_n(&A->sock, s, __ATOMIC_SEQ_CST);
 				if (handshake(UF_AF_RECONNECT) == 0) {
 					/* the new manager must know us too: our faults are never
 					 * held at its limit (it needs us to make room) */
 					send_msg(UF_A_THREAD, 0, 0, (int64_t)syscall(SYS_gettid), 0, 0, NULL, 0, -1);
 					break;
 				}
-				pthread_mutex_lock(&A->send_lock);
-				close(A->sock);
-				A->sock = -1;
-				pthread_mutex_unlock(&A->send_lock);
+				drop_sock();
 			}
 			nap_ms(100);
 		}
@@ -835,7 +860,7 @@ static int alloc_region(void)
 	A->tx = (uint64_t *)(r + hdr + msg);
 	A->maps = r + hdr + 2 * msg;
 	A->stack = r + hdr + 2 * msg + MAPSBUF;
-	A->uffd = A->sock = -1;
+	A->uffd = A->sock = A->old_sock = -1;
 	A->scratch_len = SCRATCH_DEFAULT;
 	if ((env = getenv("UFFDIO_AGENT_SCRATCH")) && atol(env) > 0)
 		A->scratch_len = ((uint64_t)atol(env) + PAGE - 1) & ~(PAGE - 1);
@@ -844,7 +869,7 @@ static int alloc_region(void)
 
 static void init_locks(void)
 {
-	pthread_mutex_init(&A->send_lock, NULL);
+	A->senders = 0; /* (a fork child's: the senders were other threads) */
 	pthread_mutex_init(&A->move_lock, NULL);
 	pthread_mutex_init(&A->fence_lock, NULL);
 	pthread_cond_init(&A->fence_cv, NULL);
@@ -1112,6 +1137,9 @@ EXPORT pid_t fork(void)
 		if (A->sock >= 0)
 			close(A->sock); /* the parent's connection: the manager must see it end with the parent */
 		A->sock = -1;
+		if (A->old_sock >= 0)
+			close(A->old_sock);
+		A->old_sock = -1;
 		if (A->uffd >= 0)
 			close(A->uffd); /* the parent's context */
 		A->uffd = -1;
