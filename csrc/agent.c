@@ -204,14 +204,13 @@ static int open_uffd(int *event_fork, uint64_t *features)
 
 /* ---- messages ------------------------------------------------------------------------ */
 
-static int send_msg(uint32_t type, uint32_t flags, uint64_t seq, int64_t a, int64_t b, int64_t c,
-		    const uint64_t *words, uint64_t n, int fd)
+static int send_on(int s, uint32_t type, uint32_t flags, uint64_t seq, int64_t a, int64_t b,
+		   int64_t c, const uint64_t *words, uint64_t n, int fd)
 {
 	struct uf_agent_hdr h = { type, flags, seq, a, b, c, n };
 	struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)words, n * 8 } };
 	char cbuf[CMSG_SPACE(sizeof(int))];
 	struct msghdr mh = { .msg_iov = iov, .msg_iovlen = n ? 2 : 1 };
-	int rc, s;
 
 	if (fd >= 0) {
 		struct cmsghdr *cm;
@@ -224,23 +223,32 @@ static int send_msg(uint32_t type, uint32_t flags, uint64_t seq, int64_t a, int6
 		cm->cmsg_len = CMSG_LEN(sizeof(int));
 		memcpy(CMSG_DATA(cm), &fd, sizeof(int));
 	}
-	/* No lock is held while the kernel copies the message from the caller's memory: a
-	 * program thread's stack page can be missing (a MOVE took it a moment ago) and the
-	 * copy then waits on the fault - which waits for the batch, which waits for this
-	 * agent's answer to the MOVE.  Had the sender held a lock the agent thread needs to
-	 * answer, nothing would move again.  SOCK_SEQPACKET keeps concurrent messages whole;
-	 * the count keeps a dropped connection's descriptor from being closed (and its
-	 * number reused by another file) under a sender that read it (drop_sock). */
+	return s < 0 ? -ENOTCONN : (sendmsg(s, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0);
+}
+
+/* Send on the manager's connection, from any thread.  No lock is held while the kernel
+ * copies the message from the caller's memory: a program thread's stack page can be
+ * missing (a MOVE took it a moment ago) and the copy then waits on the fault - which
+ * waits for the batch, which waits for this agent's answer to the MOVE.  Had the sender
+ * held a lock the agent thread needs to answer, nothing would move again.
+ * SOCK_SEQPACKET keeps concurrent messages whole; the count keeps a dropped connection's
+ * descriptor from being closed (and its number reused by another file) under a sender
+ * that read it (drop_sock).  A connection is published only once its handshake is done,
+ * so nothing else reaches a manager before HELLO. */
+static int send_msg(uint32_t type, uint32_t flags, uint64_t seq, int64_t a, int64_t b, int64_t c,
+		    const uint64_t *words, uint64_t n, int fd)
+{
+	int rc;
+
 	__atomic_add_fetch(&A->senders, 1, __ATOMIC_SEQ_CST);
-	s = __atomic_load_n(&A->sock, __ATOMIC_SEQ_CST);
-	rc = s < 0 ? -ENOTCONN : (sendmsg(s, &mh, MSG_NOSIGNAL) < 0 ? -errno : 0);
+	rc = send_on(__atomic_load_n(&A->sock, __ATOMIC_SEQ_CST), type, flags, seq, a, b, c, words, n, fd);
 	__atomic_sub_fetch(&A->senders, 1, __ATOMIC_SEQ_CST);
 	return rc;
 }
 
 /* Receive one message into A->rx; returns payload words or -errno (0 words is fine);
  * -ECONNRESET on EOF. */
-static int64_t recv_msg(struct uf_agent_hdr **h, int *fd_out)
+static int64_t recv_msg(int s, struct uf_agent_hdr **h, int *fd_out)
 {
 	char cbuf[CMSG_SPACE(sizeof(int))];
 	struct iovec iov = { A->rx, MSGBYTES };
@@ -251,7 +259,7 @@ static int64_t recv_msg(struct uf_agent_hdr **h, int *fd_out)
 
 	*fd_out = -1;
 	do
-		n = recvmsg(A->sock, &mh, MSG_CMSG_CLOEXEC);
+		n = recvmsg(s, &mh, MSG_CMSG_CLOEXEC);
 	while (n < 0 && errno == EINTR);
 	if (n < 0)
 		return -errno;
@@ -286,7 +294,7 @@ static int connect_manager(void)
 
 /* HELLO, then wait for WELCOME (which may arrive only after the manager has set
  * up serving).  GIVE_UFFD may come first for a forked child. */
-static int handshake(uint32_t flags)
+static int handshake(int s, uint32_t flags)
 {
 	uint64_t w[6] = { UF_AGENT_VERSION, A->scratch, A->scratch_len, A->region, A->region_len,
 			  (uint64_t)A->nkept };
@@ -300,15 +308,15 @@ static int handshake(uint32_t flags)
 		flags |= UF_AF_EVENT_FORK;
 	if ((flags & UF_AF_RECONNECT) && A->table_wanted)
 		flags |= UF_AF_TABLE_LOST;
-	rc = send_msg(UF_A_HELLO, flags, 0, A->pid, getppid(),
-		      A->uffd_err ? A->uffd_err : (int64_t)A->features, w, 6, A->uffd);
+	rc = send_on(s, UF_A_HELLO, flags, 0, A->pid, getppid(),
+		     A->uffd_err ? A->uffd_err : (int64_t)A->features, w, 6, A->uffd);
 	if (rc < 0)
 		return rc;
 	for (i = 0; i < A->nkept; i++) /* the previous manager's store, for its successor */
-		if ((rc = send_msg(UF_A_KEPT, 0, 0, A->kept_tag[i], 0, 0, NULL, 0, A->kept_fd[i])) < 0)
+		if ((rc = send_on(s, UF_A_KEPT, 0, 0, A->kept_tag[i], 0, 0, NULL, 0, A->kept_fd[i])) < 0)
 			return rc;
 	for (;;) {
-		n = recv_msg(&h, &fd);
+		n = recv_msg(s, &h, &fd);
 		if (n < 0)
 			return (int)n;
 		if (h->type == UF_M_GIVE_UFFD && fd >= 0) {
@@ -770,8 +778,9 @@ static void do_request(struct uf_agent_hdr *h, int fd)
 /* The agent thread: end the connection (the manager sees it end now) and close its
  * descriptor once no send_msg is in flight - one that read it before the exchange is
  * counted in senders (sequentially consistent: it counts itself before it reads).  One
- * left open is closed at the next drop or connect; a second one meanwhile is leaked
- * (a sender stuck that long on a fault). */
+ * left open is closed at the next drop or connect; a second one meanwhile is leaked -
+ * at most one per manager that served us while a sender stayed stuck on a fault (a
+ * connection whose handshake fails is never published, and is closed at once). */
 static void drop_sock(void)
 {
 	int s = __atomic_exchange_n(&A->sock, -1, __ATOMIC_SEQ_CST);
@@ -782,6 +791,7 @@ static void drop_sock(void)
 		if (A->old_sock >= 0)
 			close(A->old_sock);
 		A->old_sock = -1;
+		A->senders = 0; /* (the senders were other threads) */
 		if (s >= 0)
 			close(s);
 	} else if (s >= 0) {
@@ -798,7 +808,7 @@ static void *agent_main(void *arg)
 	for (;;) {
 		struct uf_agent_hdr *h;
 		int fd;
-		int64_t n = recv_msg(&h, &fd);
+		int64_t n = recv_msg(A->sock, &h, &fd);
 		if (n >= 0) {
 			do_request(h, fd);
 			if (!A->detached)
@@ -822,15 +832,15 @@ static void *agent_main(void *arg)
 		for (;;) {
 			int s = connect_manager();
 			if (s >= 0) {
-				drop_sock(); /* (only an old descriptor left open, if any) */
-				__atomic_store_n(&A->sock, s, __ATOMIC_SEQ_CST);
-				if (handshake(UF_AF_RECONNECT) == 0) {
+				if (handshake(s, UF_AF_RECONNECT) == 0) {
+					drop_sock(); /* (only an old descriptor left open, if any) */
+					__atomic_store_n(&A->sock, s, __ATOMIC_SEQ_CST);
 					/* the new manager must know us too: our faults are never
 					 * held at its limit (it needs us to make room) */
 					send_msg(UF_A_THREAD, 0, 0, (int64_t)syscall(SYS_gettid), 0, 0, NULL, 0, -1);
 					break;
 				}
-				drop_sock();
+				close(s); /* (never published: no other thread has it) */
 			}
 			nap_ms(100);
 		}
@@ -869,7 +879,6 @@ static int alloc_region(void)
 
 static void init_locks(void)
 {
-	A->senders = 0; /* (a fork child's: the senders were other threads) */
 	pthread_mutex_init(&A->move_lock, NULL);
 	pthread_mutex_init(&A->fence_lock, NULL);
 	pthread_cond_init(&A->fence_cv, NULL);
@@ -917,13 +926,12 @@ static int session_start(uint32_t flags)
 	s = connect_manager();
 	if (s < 0)
 		return s;
-	A->sock = s;
-	rc = handshake(flags);
+	rc = handshake(s, flags);
 	if (rc < 0 || A->uffd_err) {
-		close(A->sock);
-		A->sock = -1;
+		close(s);
 		return rc < 0 ? rc : (int)A->uffd_err;
 	}
+	__atomic_store_n(&A->sock, s, __ATOMIC_SEQ_CST);
 	A->ready = 1;
 	return start_thread();
 }
@@ -1140,6 +1148,7 @@ EXPORT pid_t fork(void)
 		if (A->old_sock >= 0)
 			close(A->old_sock);
 		A->old_sock = -1;
+		A->senders = 0; /* (the senders were other threads) */
 		if (A->uffd >= 0)
 			close(A->uffd); /* the parent's context */
 		A->uffd = -1;
