@@ -791,7 +791,6 @@ static void drop_sock(void)
 		if (A->old_sock >= 0)
 			close(A->old_sock);
 		A->old_sock = -1;
-		A->senders = 0; /* (the senders were other threads) */
 		if (s >= 0)
 			close(s);
 	} else if (s >= 0) {

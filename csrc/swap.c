@@ -1365,8 +1365,6 @@ int uf_pt_state(uf_pt *pt, uint64_t addr, uint64_t *slot_out)
 	return E_STATE(v) | ((v & E_DROPPED) ? 0x10 : 0);
 }
 
-/* Copy of the table for a forked child (called by the engine at the FORK message, so
- * the child sees the parent as it was at the fork).  Every slot gains a reference. */
 /* Copy pt into the new, empty table c (pt->lock held): its entries (their store
  * references counted), and the batch in flight - c becomes one of pt's kids, which the
  * batch's commit decides alike - with the copy-backs kept for it (pages whose put failed
@@ -1424,6 +1422,9 @@ static int clone_locked(uf_pt *pt, uf_pt *c)
 	return 0;
 }
 
+/* Copy of the table for a forked child, taken now.  The engine takes its children's
+ * copies as it reads (uf_pt_read) and calls this only when that copy failed, or when the
+ * FORK was read before it had a table.  Every slot gains a reference. */
 uf_pt *uf_pt_clone(uf_pt *pt)
 {
 	int err;
@@ -1456,7 +1457,7 @@ uf_pt *uf_pt_clone(uf_pt *pt)
  * same read (a read returns faults before events): the child has no such page, and its
  * table would call it resident - a write fault's page is NONE after the install, so the
  * child would read zeros where its data is in the store.  The events before a FORK in
- * the same read are applied to its copy by the engine, in order (uf_pt_event_fork).
+ * the same read are applied to its copy by the engine, in order (rules_event).
  * Returns the bytes read, or -errno (-EAGAIN: nothing to read). */
 ssize_t uf_pt_read(uf_pt *pt, int fd, void *buf, size_t len, uf_pt **clones, size_t maxclones,
 		   size_t *nclones)
