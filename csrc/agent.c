@@ -68,7 +68,9 @@
 #define MAXLOCKED 256
 #define MSGBYTES (sizeof(struct uf_agent_hdr) + UF_AGENT_MAXWORDS * 8)
 #define MAPSBUF (64UL << 10)
-#define MAXKEPT 16
+/* the manager's store and table, and those of fork children not yet given theirs (four
+ * each: see the manager's _keep_orphan) */
+#define MAXKEPT 64
 #define MAXDATA 512
 #ifndef PR_SET_VMA
 #define PR_SET_VMA 0x53564d41
@@ -83,6 +85,8 @@ struct agent {
 	/* a fork child (EVENT_FORK) under userspace swap until the manager handed it its page
 	 * table: the table is the only record of which of its pages were evicted */
 	int table_wanted;
+	/* the last WELCOME refused us (a < 0): calling again would get the same answer */
+	int refused;
 	int64_t uffd_err;
 	uint64_t features;
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -308,6 +312,7 @@ static int handshake(int s, uint32_t flags)
 		flags |= UF_AF_EVENT_FORK;
 	if ((flags & UF_AF_RECONNECT) && A->table_wanted)
 		flags |= UF_AF_TABLE_LOST;
+	A->refused = 0;
 	rc = send_on(s, UF_A_HELLO, flags, 0, A->pid, getppid(),
 		     A->uffd_err ? A->uffd_err : (int64_t)A->features, w, 6, A->uffd);
 	if (rc < 0)
@@ -327,8 +332,10 @@ static int handshake(int s, uint32_t flags)
 		}
 		if (fd >= 0)
 			close(fd);
-		if (h->type == UF_M_WELCOME)
+		if (h->type == UF_M_WELCOME) {
+			A->refused = h->a < 0;
 			return h->a < 0 ? (int)h->a : 0;
+		}
 	}
 }
 
@@ -1115,6 +1122,34 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	return (int)syscall(SYS_ioctl, fd, req, arg);
 }
 
+/* A fork child (EVENT_FORK) whose manager went away before it welcomed us: killed
+ * while it paired us with our uffd, maybe.  Our memory is registered with the uffd of
+ * the fork event, which an agent up our fork chain keeps for the next manager (the
+ * manager's _keep_orphan), and nobody serves it meanwhile: any page we touch may wait.
+ * So we wait here, in fork(), before anything else runs - creating the agent thread
+ * itself reads the loader's data in the heap, whose pages may be evicted - and call
+ * until a manager takes us over (or says it cannot). */
+static int call_again_forked(void)
+{
+	for (;;) {
+		int s, rc;
+
+		nap_ms(100);
+		s = connect_manager();
+		if (s < 0)
+			continue;
+		rc = handshake(s, UF_AF_FORKED | UF_AF_RECONNECT);
+		if (rc == 0) {
+			__atomic_store_n(&A->sock, s, __ATOMIC_SEQ_CST);
+			A->ready = 1;
+			return start_thread();
+		}
+		close(s);
+		if (A->refused)
+			return rc;
+	}
+}
+
 EXPORT pid_t fork(void)
 {
 	int managed = A && A->ready && A->sock >= 0;
@@ -1166,7 +1201,8 @@ EXPORT pid_t fork(void)
 		 * child's new uffd, which the manager holds and gives us after HELLO.
 		 * Without it, nothing is registered here and we start afresh. */
 		A->event_fork = ef;
-		session_start(UF_AF_FORKED);
+		if (session_start(UF_AF_FORKED) < 0 && ef && !A->refused && !A->uffd_err)
+			call_again_forked();
 	}
 	return 0;
 }

@@ -25,9 +25,12 @@ UFFDIO = [sys.executable, "-m", "uffdio"]
 pytestmark = requires(uffdio.Feature.MOVE, root=True, kernel=(6, 8))
 
 
-def _serve(sock: str, *opts: str) -> subprocess.Popen[str]:
+def _serve(sock: str, *opts: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
     p = subprocess.Popen(
-        UFFDIO + ["serve", "--socket", sock, *opts], stderr=subprocess.PIPE, text=True
+        UFFDIO + ["serve", "--socket", sock, *opts],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, **(env or {})),
     )
     deadline = time.monotonic() + 20
     while not os.path.exists(sock):
@@ -70,6 +73,7 @@ def _state(p: subprocess.Popen[str]) -> str:
     with contextlib.suppress(OSError):
         pids += [int(c) for c in Path(f"/proc/{p.pid}/task/{p.pid}/children").read_text().split()]
     for pid in pids:
+        pids += [c for c in _children(pid) if c not in pids]
         with contextlib.suppress(OSError):
             for t in os.listdir(f"/proc/{pid}/task"):
                 out.append(f"{pid}/{t}: {Path(f'/proc/{pid}/task/{t}/wchan').read_text()}")
@@ -136,6 +140,69 @@ def test_killed_swap_manager_is_taken_over(
     finally:
         _kill(target)
         _kill(m1)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    with contextlib.suppress(OSError):
+        for t in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                out += [int(c) for c in Path(f"/proc/{pid}/task/{t}/children").read_text().split()]
+    return out
+
+
+def test_fork_child_of_a_killed_manager_reads_its_parents_evicted_pages(
+    swaptest: str, tmp_path: Path
+) -> None:
+    """The manager is killed after the kernel gave it a fork child's uffd (the FORK
+    event) and before the child's agent had that uffd and its page table.  The parent's
+    agent keeps them for the next manager, which pairs the child with them: the child
+    reads every page its parent had evicted (it read zeros before: the kernel
+    unregisters the child's memory with the last descriptor of its uffd, and the
+    manager's was the only one).  The first manager waits 60 s before it pairs a fork
+    child (UFFDIO_TEST_PAIR_DELAY_MS), so the kill finds the child in its handshake."""
+    sock = str(tmp_path / "m.sock")
+    m1 = _serve(sock, "--limit", "8M", env={"UFFDIO_TEST_PAIR_DELAY_MS": "60000"})
+    target = _target(swaptest, sock, "32", "rand", "20000", "2", "30", "f", min_ms=0)
+    m2 = None
+    try:
+        deadline = time.monotonic() + 60
+        while not _children(target.pid):
+            assert target.poll() is None, target.communicate()
+            assert time.monotonic() < deadline, "no fork child"
+            time.sleep(0.05)
+        time.sleep(0.5)  # (the parent's agent has the child's uffd by now)
+        _kill(m1)
+        time.sleep(0.5)
+        assert target.poll() is None, target.communicate()
+        stats = tmp_path / "s.json"
+        m2 = subprocess.Popen(
+            UFFDIO
+            + ["serve", "--socket", sock, "--limit", "8M", "--exit-when-idle"]
+            + ["--stats-json", str(stats)],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            _, m2err = m2.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            m2.kill()
+            _, m2err = m2.communicate()
+            msg = f"the new manager did not finish: {_state(target)}\n{m2err}"
+            raise AssertionError(msg) from None
+        assert m2.returncode == 0, m2err
+        out, err = target.communicate(timeout=60)
+        assert target.returncode == 0, out + err + m2err
+        assert "ok checked=" in out
+        s = json.loads(stats.read_text())
+        assert s["recovered"]["fork_children"] == 1, m2err
+        assert s["recovered"]["processes"] == 2  # the parent and the child
+        assert not s["unmanaged"], s["unmanaged"]
+    finally:
+        _kill(target)
+        _kill(m1)
+        if m2 is not None:
+            _kill(m2)
 
 
 def test_takeover_twice(swaptest: str, tmp_path: Path) -> None:

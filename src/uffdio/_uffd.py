@@ -357,6 +357,9 @@ class Userfaultfd:
         #: uffd's task group; whoever sets it serves the child (uffdio's manager does, so a
         #: child outlives its parent's server)
         self.on_fork_child: Callable[[Userfaultfd], Awaitable[None]] | None = None
+        #: for a child handed to on_fork_child: the uffd whose FORK message made it (the
+        #: callee takes it and sets it back to None)
+        self.fork_parent: Userfaultfd | None = None
         #: seconds between looks, while a fork child's uffd is served in this uffd's task
         #: group, at whether the child's process is gone (exited or exec'd): its uffd is
         #: then closed and leaves ``children`` (its statistics stay readable); 0: children
@@ -1085,6 +1088,7 @@ class Userfaultfd:
         with anyio.CancelScope(shield=True):
             child = self._adopt_fork(a)
             if self.on_fork_child is not None:
+                child.fork_parent = self
                 await self.on_fork_child(child)
             else:
                 assert tg is not None

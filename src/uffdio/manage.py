@@ -84,6 +84,9 @@ TAG_SWAP_TABLE = 3  # userspace swap: the process's page table (a memfd)
 TAG_SWAP_STORE = 4  # userspace swap: the store its table refers to (a memfd)
 TAG_SWAP_FILE = 5  # userspace swap: the swap file of a file store
 TAG_STATE_B = 6  # the second of the two recovery snapshot memfds (see _write_snapshot)
+#: a fork child's uffd, page table, store and swap file (TAG_ORPHAN + 4 * n + 0..3), kept by
+#: an agent up its fork chain until the child's own agent has them (Manager._keep_orphan)
+TAG_ORPHAN = 1 << 32
 SNAP_MAGIC = 0x55464644494F5331  # "UFFDIOS1": a snapshot sent as a memfd of its own
 SNAP_MAGIC2 = 0x55464644494F5332  # "UFFDIOS2": written in place, with a sequence number
 SNAP_SCRATCH = 100  # snapshot entry kind: pages that sit in the scratch area
@@ -179,6 +182,27 @@ class _Orphan:
     uffd: Userfaultfd
     parent: int
     scope: anyio.CancelScope
+    #: the uffd whose FORK message made this one (to find a holder; None once kept)
+    parent_uffd: Userfaultfd | None = None
+    #: the process whose agent keeps this uffd and its page table for a manager that
+    #: takes over (Manager._keep_orphan), and the tags it keeps them under
+    holder: ManagedProcess | None = None
+    tags: tuple[int, ...] = ()
+    #: the inode of its page table's memfd (0: none): one table, one process
+    table_ino: int = 0
+    #: taken over from a holder's agent (its manager was killed): (table, store, swap
+    #: file) descriptors for Swap._adopt.  Such a uffd is not served until its process
+    #: is paired with it: the table is made true from that process (uf_pt_recover).
+    kept: tuple[int, int, int] | None = None
+    #: its process has its own copies, or is gone (see Manager._release_orphan)
+    released: bool = False
+
+    def close(self) -> None:
+        self.uffd.close()
+        kept, self.kept = self.kept, None
+        for fd in kept or ():
+            if fd >= 0:
+                os.close(fd)
 
 
 def _addr_ranges(words: Sequence[int]) -> list[tuple[int, int]]:
@@ -222,6 +246,10 @@ class ManagedProcess:
         self.uid = os.geteuid()
         #: a reconnecting fork child whose swap page table never reached its agent
         self.swap_lost = False
+        #: the inode of the page table memfd taken over with it (0: none)
+        self.table_ino = 0
+        #: the fork-event uffd it was paired with, until the holder's copies are dropped
+        self._orphan: _Orphan | None = None
         #: the agent thread's tid (0 until it said so)
         self.agent_tid = 0
         self._sock = sock
@@ -1241,6 +1269,12 @@ class Manager:
         self.orphan_interval = 1.0
         #: fork-event uffds closed because their process was gone before its hello
         self.orphans_reaped = 0
+        self._orphan_serial = 0
+        #: fork children whose uffd a killed manager's agent kept, paired with it here
+        self.orphans_taken_over = 0
+        #: a delay before pairing a fork child (fault injection for the tests: it keeps
+        #: the child in its handshake while a test kills the manager)
+        self._pair_delay = float(os.environ.get("UFFDIO_TEST_PAIR_DELAY_MS", "0") or 0) / 1000
         #: pages of a batch whose process died before reading them, read from a child
         #: forked during it (plain path; see ManagedProcess._rescue_batch)
         self.pages_rescued = 0
@@ -1337,7 +1371,7 @@ class Manager:
                 with contextlib.suppress(OSError):
                     os.rmdir(self._own_dir)
         for o in self._orphans + self._reaping:
-            o.uffd.close()
+            o.close()
         for p in self.history:
             p._close_state()
             if p.uffd is not None:
@@ -1449,16 +1483,30 @@ class Manager:
                 self._retire(proc)
 
     async def _hello(self, conn: socket.socket, h: P.Msg, uid: int) -> ManagedProcess | None:
-        pid, ppid = h.a, h.b
-        words = h.words
         kept: dict[int, int] = {}
-        nkept = words[5] if len(words) > 5 else 0
+        nkept = h.words[5] if len(h.words) > 5 else 0
         for _ in range(nkept):
             k = await P.recv(conn)
             if k is None or k.type != P.A_KEPT:
                 break
             if k.fd >= 0:
                 kept[k.a] = k.fd
+        # fork children's uffds that its agent keeps for us (see _keep_orphan)
+        orphan_fds = {t: kept.pop(t) for t in [t for t in kept if t >= TAG_ORPHAN]}
+        try:
+            proc = await self._hello_kept(conn, h, uid, kept)
+            if proc is not None and h.flags & P.AF_RECONNECT:
+                self._take_kept_orphans(proc, orphan_fds)
+            return proc
+        finally:
+            for fd in orphan_fds.values():
+                os.close(fd)
+
+    async def _hello_kept(
+        self, conn: socket.socket, h: P.Msg, uid: int, kept: dict[int, int]
+    ) -> ManagedProcess | None:
+        pid, ppid = h.a, h.b
+        words = h.words
         old = self.processes.get(pid)
         superseded: ManagedProcess | None = None
         if old is not None and h.flags & P.AF_RECONNECT:
@@ -1483,6 +1531,8 @@ class Manager:
             return None
         proc.features = Feature(h.c)
         if uffd_fd < 0 and h.flags & P.AF_FORKED:
+            if self._pair_delay:
+                await anyio.sleep(self._pair_delay)
             orphan = await self._pair(proc)
             if orphan is None:
                 proc.unmanaged_reason = "its uffd from the fork event could not be matched"
@@ -1491,7 +1541,18 @@ class Manager:
                 self._add(proc)
                 return None
             proc.uffd = orphan.uffd
-            proc._scope = orphan.scope
+            proc._orphan = orphan
+            if orphan.kept is not None:
+                # the uffd and page table a killed manager's agent kept for it: taken
+                # over like those of any process that calls again (Swap._adopt), and
+                # served from now on (not before: see _Orphan.kept)
+                proc.swap_kept, orphan.kept = orphan.kept, None
+                proc.table_ino = orphan.table_ino
+                proc.resumed = True
+                self.orphans_taken_over += 1
+                self._need_swap()
+            else:
+                proc._scope = orphan.scope
             # the child keeps a duplicate, so that it survives us like any other
             await P.send(conn, P.pack(P.M_GIVE_UFFD), os.dup(orphan.uffd.fileno()))
         elif uffd_fd >= 0:
@@ -1513,8 +1574,10 @@ class Manager:
                 # pages of its are in a dead manager's swap store: Swap.attach takes the
                 # table and the store over (see Swap._adopt)
                 proc.swap_kept = (table, sstore, sfile)
+                proc.table_ino = os.fstat(table).st_ino
+                self._drop_kept_twins(proc.table_ino)
                 self._need_swap()
-            elif h.flags & P.AF_TABLE_LOST:
+            elif proc.swap_kept is None and h.flags & P.AF_TABLE_LOST:
                 proc.swap_lost = True
             if table < 0:
                 for fd in (sstore, sfile):
@@ -1622,12 +1685,146 @@ class Manager:
         """EVENT_FORK: serve the child's uffd at once (its threads fault as soon as fork()
         returns); its agent says hello soon and is matched to it by _pair."""
         assert self._tg is not None
+        parent_uffd, child.fork_parent = child.fork_parent, None
         child.on_fork_child = self._on_fork_child
         scope = anyio.CancelScope()
-        self._orphans.append(_Orphan(child, 0, scope))
+        o = _Orphan(child, 0, scope, parent_uffd=parent_uffd)
+        self._orphans.append(o)
         # (not start(): a cancellation of the parent's server - its process exiting right
         # after the fork - while it waited for the child's to start would cancel that too)
         self._tg.start_soon(self._serve_uffd, child, scope)
+        await self._keep_orphan(o)
+
+    async def _keep_orphan(self, o: _Orphan) -> None:
+        """Have the agent of the nearest process up o's fork chain keep o's uffd and page
+        table (with its store) until the child's own agent has them (_release_orphan).
+        Until then they are only ours: were we killed, the kernel would unregister the
+        child's memory with our last descriptor of its uffd, and every page its parent
+        had evicted would read as zeros in it.  Kept, they reach the next manager with
+        the holder's other kept descriptors; the child's threads wait on their faults
+        meanwhile, and its agent (calling again, FORKED) is paired with them there
+        (_take_kept_orphans).  Only under userspace swap: a page table is the whole
+        record of a child's evicted pages (the plain path's rules are not kept)."""
+        parent_uffd, o.parent_uffd = o.parent_uffd, None
+        if self.swap is None or o.uffd._engine is None:
+            return
+        pt = lib.uf_engine_pt(o.uffd._engine)
+        if pt == ffi.NULL:
+            return
+        table, sfd = lib.uf_pt_fd(pt), lib.uf_pt_store_fd(pt)
+        if table < 0 or sfd < 0:
+            return  # (a Python store: never taken over)
+        o.table_ino = os.fstat(table).st_ino
+        holder = self._holder_of(parent_uffd)
+        if holder is None:
+            return
+        n = self._orphan_serial
+        self._orphan_serial += 1
+        tags = []
+        fds = (o.uffd.fileno(), table, sfd, lib.uf_pt_store_file_fd(pt))
+        try:
+            for k, fd in enumerate(fds):
+                if fd >= 0:
+                    tag = TAG_ORPHAN + 4 * n + k
+                    tags.append(tag)
+                    await P.send(holder._sock, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
+        except OSError as exc:
+            log.debug("pid %d: keeping a fork child's uffd: %s", holder.pid, exc)
+        if o.released:  # (paired, or reaped, while these were sent)
+            await self._drop_kept(holder, tuple(tags))
+        else:
+            o.holder, o.tags = holder, tuple(tags)
+
+    def _holder_of(self, u: Userfaultfd | None) -> ManagedProcess | None:
+        """The process, up the fork chain from uffd u, whose agent can keep descriptors:
+        u's own, or the nearest ancestor's when u is itself a child not paired yet."""
+        if u is None:
+            return None
+        proc = self._owner.get(id(u))
+        if proc is not None and proc.uffd is u:
+            ok = (
+                proc._welcomed.is_set()
+                and not proc._gone.is_set()
+                and not proc.exited
+                and proc.unmanaged_reason is None
+                and proc.uid == os.geteuid()  # (a store is never another user's)
+            )
+            return proc if ok else None
+        # a child not paired yet: its holder keeps this one too
+        return next((x.holder for x in self._orphans if x.uffd is u), None)
+
+    async def _release_orphan(self, o: _Orphan) -> None:
+        """The holder's agent drops what it kept of o (see _keep_orphan): o's process has
+        them itself now, or is gone."""
+        holder, tags = o.holder, o.tags
+        o.holder, o.tags, o.released = None, (), True
+        if holder is not None and tags:
+            await self._drop_kept(holder, tags)
+
+    async def _drop_kept(self, holder: ManagedProcess, tags: tuple[int, ...]) -> None:
+        with anyio.move_on_after(30):
+            await holder._welcomed.wait()
+        if holder._gone.is_set():
+            return
+        try:
+            for tag in tags:
+                await P.send(holder._sock, P.pack(P.M_KEEP_FD, 0, 0, tag))
+        except OSError as exc:
+            log.debug("pid %d: dropping a fork child's uffd: %s", holder.pid, exc)
+
+    def _take_kept_orphans(self, holder: ManagedProcess, fds: dict[int, int]) -> None:
+        """A process calling again (its manager was killed) brought the uffds and page
+        tables of fork children that were not paired with theirs yet (_keep_orphan):
+        each becomes an orphan here - not served until its child is paired with it (its
+        table must first be made true from that process: Swap._adopt)."""
+        groups: dict[int, dict[int, int]] = {}
+        for t in list(fds):
+            n, k = divmod(t - TAG_ORPHAN, 4)
+            groups.setdefault(n, {})[k] = fds.pop(t)
+        for n, g in sorted(groups.items()):
+            tags = tuple(TAG_ORPHAN + 4 * n + k for k in sorted(g))
+            ufd, table, sfd, ffd = (g.pop(k, -1) for k in range(4))
+            for fd in g.values():  # (nothing else has such a tag)
+                os.close(fd)
+            ino = os.fstat(table).st_ino if table >= 0 else 0
+            twin = next((o for o in self._orphans if ino and o.table_ino == ino), None)
+            owner = any(ino and q.table_ino == ino for q in self.processes.values())
+            if holder.uid != os.geteuid() or ufd < 0 or table < 0 or sfd < 0 or owner or twin:
+                # another user's (a store is never taken from one), incomplete, or one we
+                # know already: from the process itself (it had its own copies: dropped
+                # here), or from an earlier connection of this holder
+                for fd in (ufd, table, sfd, ffd):
+                    if fd >= 0:
+                        os.close(fd)
+                if twin is not None:
+                    twin.holder, twin.tags = holder, tags
+                elif owner and self._tg is not None:
+                    self._tg.start_soon(self._drop_kept, holder, tags)
+                continue
+            u = Userfaultfd.from_fd(ufd, int(holder.features))
+            self._setup_uffd(u)
+            self._orphans.append(
+                _Orphan(
+                    u,
+                    holder.pid,
+                    anyio.CancelScope(),
+                    holder=holder,
+                    tags=tags,
+                    table_ino=ino,
+                    kept=(table, sfd, ffd),
+                )
+            )
+            log.info("pid %d kept the uffd of a fork child of its for us", holder.pid)
+
+    def _drop_kept_twins(self, ino: int) -> None:
+        """A process calling again brought its own page table (inode ino): an orphan taken
+        over with the same table is its uffd too (kept by a holder that was not told to
+        drop it before the manager died) - closed, and the holder drops it."""
+        for o in [o for o in self._orphans if o.kept is not None and o.table_ino == ino]:
+            self._orphans.remove(o)
+            o.close()
+            if self._tg is not None:
+                self._tg.start_soon(self._release_orphan, o)
 
     async def _serve_uffd(
         self,
@@ -1673,9 +1870,10 @@ class Manager:
                     log.warning("a fork-event uffd's engine did not stop; it is closed at exit")
                     continue
                 await o.uffd.hand_over_forks()  # (a FORK read after the look above)
-                o.uffd.close()
+                o.close()
                 self.orphans_reaped += 1
                 self._reaping.remove(o)
+                await self._release_orphan(o)
 
     async def _pair(self, proc: ManagedProcess) -> _Orphan | None:
         """Find which fork-event uffd belongs to ``proc``.  For each candidate: pick a page
@@ -1702,7 +1900,12 @@ class Manager:
                     return None
                 token = os.urandom(16) * (PAGE // 16)
                 try:
-                    await o.uffd.copy(probe, token, PAGE)
+                    if o.kept is not None:
+                        # nobody reads it: an event pending on it (its process blocked in
+                        # a fork or a munmap) would fail this with EAGAIN until its hello
+                        o.uffd.copy_nowait(probe, token, PAGE)
+                    else:
+                        await o.uffd.copy(probe, token, PAGE)
                 except UffdError:
                     continue  # EEXIST: present in the candidate's process, so not proc's
                 if not await anyio.to_thread.run_sync(_page_present, proc.pid, probe):
@@ -1795,6 +1998,11 @@ class Manager:
                         # runs - a policy waiting on the lock evicted nothing meanwhile,
                         # and a thread of its waiting at the limit never got room
                         self.swap.kept(proc)
+                    if proc._orphan is not None:
+                        # its agent has its uffd and table (the messages above): the
+                        # holder's copies can go
+                        o, proc._orphan = proc._orphan, None
+                        await self._release_orphan(o)
                     await proc.scan()
                     proc._write_snapshot()
                     if proc.resumed:
@@ -1813,6 +2021,10 @@ class Manager:
             proc._welcomed.set()  # (whatever happened: nobody waits for it forever)
             if pidfd >= 0:
                 os.close(pidfd)
+            if proc._orphan is not None and self._tg is not None:
+                # (it exited, or its connection ended, before its agent had its uffd)
+                o, proc._orphan = proc._orphan, None
+                self._tg.start_soon(self._release_orphan, o)
 
     async def _hold(self, proc: ManagedProcess, reason: str) -> None:
         """A process whose manager was killed and whose pages cannot be taken over: serving
@@ -2052,6 +2264,7 @@ class Manager:
         total["store_bytes"] = sum(a.used_bytes for a in self._arenas)
         total["recovered_pages"] = self.recovered_pages
         total["orphans_reaped"] = self.orphans_reaped
+        total["orphans_taken_over"] = self.orphans_taken_over
         total["orphans"] = len(self._orphans) + len(self._reaping)  # (uffds still open)
         total["pages_rescued"] = self.pages_rescued
         total["per_process"] = procs

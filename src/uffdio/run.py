@@ -356,6 +356,8 @@ async def _serve(args: argparse.Namespace) -> dict[str, Any]:
                 total_faults = summary["faults"]
                 summary.update(m.swap.statistics())
                 summary["faults"]["total"] = total_faults
+                # fork children whose uffd and table a killed manager's agents kept
+                summary["recovered"]["fork_children"] = m.orphans_taken_over
             return summary
     finally:
         if sw is not None:
