@@ -85,8 +85,9 @@ struct agent {
 	/* a fork child (EVENT_FORK) under userspace swap until the manager handed it its page
 	 * table: the table is the only record of which of its pages were evicted */
 	int table_wanted;
-	/* the last WELCOME refused us (a < 0): calling again would get the same answer */
-	int refused;
+	/* the last handshake's answer: 1 welcomed, -1 refused (calling again would get the
+	 * same answer), 0 none (the connection broke first, or "call again": -EAGAIN) */
+	int welcome;
 	int64_t uffd_err;
 	uint64_t features;
 	char path[sizeof(((struct sockaddr_un *)0)->sun_path)];
@@ -312,7 +313,7 @@ static int handshake(int s, uint32_t flags)
 		flags |= UF_AF_EVENT_FORK;
 	if ((flags & UF_AF_RECONNECT) && A->table_wanted)
 		flags |= UF_AF_TABLE_LOST;
-	A->refused = 0;
+	A->welcome = 0;
 	rc = send_on(s, UF_A_HELLO, flags, 0, A->pid, getppid(),
 		     A->uffd_err ? A->uffd_err : (int64_t)A->features, w, 6, A->uffd);
 	if (rc < 0)
@@ -333,7 +334,7 @@ static int handshake(int s, uint32_t flags)
 		if (fd >= 0)
 			close(fd);
 		if (h->type == UF_M_WELCOME) {
-			A->refused = h->a < 0;
+			A->welcome = h->a >= 0 ? 1 : h->a == -EAGAIN ? 0 : -1;
 			return h->a < 0 ? (int)h->a : 0;
 		}
 	}
@@ -1122,6 +1123,33 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	return (int)syscall(SYS_ioctl, fd, req, arg);
 }
 
+/* Whether our memory is still registered with a uffd (a fork child's, kept by some
+ * agent for the next manager): a uffd of our own cannot register our scratch area then
+ * (EBUSY).  Nothing here touches memory the manager may have evicted (no getenv, no
+ * malloc).  When we cannot tell, we say no: run on, as before anything was kept. */
+static int still_registered(void)
+{
+	struct uffdio_api api = { .api = UFFD_API };
+	struct uffdio_register r = { .range = { A->scratch, PAGE },
+				     .mode = UFFDIO_REGISTER_MODE_MISSING };
+	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+	int busy = 0;
+
+	if (fd < 0) {
+		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+		if (dev < 0)
+			return 0;
+		fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+		close(dev);
+		if (fd < 0)
+			return 0;
+	}
+	if (ioctl(fd, UFFDIO_API, &api) == 0 && ioctl(fd, UFFDIO_REGISTER, &r) < 0)
+		busy = errno == EBUSY;
+	close(fd); /* (unregisters what it registered) */
+	return busy;
+}
+
 /* A fork child (EVENT_FORK) whose manager went away before it welcomed us: killed
  * while it paired us with our uffd, maybe.  Our memory is registered with the uffd of
  * the fork event, which an agent up our fork chain keeps for the next manager (the
@@ -1134,6 +1162,8 @@ static int call_again_forked(void)
 	for (;;) {
 		int s, rc;
 
+		if (!still_registered())
+			return -ENOTCONN; /* nobody keeps our uffd: nothing waits, we run as before */
 		nap_ms(100);
 		s = connect_manager();
 		if (s < 0)
@@ -1145,7 +1175,7 @@ static int call_again_forked(void)
 			return start_thread();
 		}
 		close(s);
-		if (A->refused)
+		if (A->welcome < 0)
 			return rc;
 	}
 }
@@ -1201,7 +1231,8 @@ EXPORT pid_t fork(void)
 		 * child's new uffd, which the manager holds and gives us after HELLO.
 		 * Without it, nothing is registered here and we start afresh. */
 		A->event_fork = ef;
-		if (session_start(UF_AF_FORKED) < 0 && ef && !A->refused && !A->uffd_err)
+		A->welcome = 0;
+		if (session_start(UF_AF_FORKED) < 0 && ef && A->welcome == 0 && !A->uffd_err)
 			call_again_forked();
 	}
 	return 0;

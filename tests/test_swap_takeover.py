@@ -151,8 +151,13 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.parametrize(
+    "delay",
+    ["UFFDIO_TEST_PAIR_DELAY_MS", "UFFDIO_TEST_WELCOME_DELAY_MS"],
+    ids=["unpaired", "paired"],
+)
 def test_fork_child_of_a_killed_manager_reads_its_parents_evicted_pages(
-    swaptest: str, tmp_path: Path
+    swaptest: str, tmp_path: Path, delay: str
 ) -> None:
     """The manager is killed after the kernel gave it a fork child's uffd (the FORK
     event) and before the child's agent had that uffd and its page table.  The parent's
@@ -160,9 +165,10 @@ def test_fork_child_of_a_killed_manager_reads_its_parents_evicted_pages(
     reads every page its parent had evicted (it read zeros before: the kernel
     unregisters the child's memory with the last descriptor of its uffd, and the
     manager's was the only one).  The first manager waits 60 s before it pairs a fork
-    child (UFFDIO_TEST_PAIR_DELAY_MS), so the kill finds the child in its handshake."""
+    child, or after it gave the child its uffd and before its table, so the kill finds
+    the child in its handshake, without its uffd or with it."""
     sock = str(tmp_path / "m.sock")
-    m1 = _serve(sock, "--limit", "8M", env={"UFFDIO_TEST_PAIR_DELAY_MS": "60000"})
+    m1 = _serve(sock, "--limit", "8M", env={delay: "60000"})
     target = _target(swaptest, sock, "32", "rand", "20000", "2", "30", "f", min_ms=0)
     m2 = None
     try:

@@ -194,8 +194,6 @@ class _Orphan:
     #: file) descriptors for Swap._adopt.  Such a uffd is not served until its process
     #: is paired with it: the table is made true from that process (uf_pt_recover).
     kept: tuple[int, int, int] | None = None
-    #: its process has its own copies, or is gone (see Manager._release_orphan)
-    released: bool = False
 
     def close(self) -> None:
         self.uffd.close()
@@ -1272,9 +1270,11 @@ class Manager:
         self._orphan_serial = 0
         #: fork children whose uffd a killed manager's agent kept, paired with it here
         self.orphans_taken_over = 0
-        #: a delay before pairing a fork child (fault injection for the tests: it keeps
-        #: the child in its handshake while a test kills the manager)
+        #: delays before pairing a fork child, and before welcoming a paired one (fault
+        #: injection for the tests: they keep the child in its handshake - without, then
+        #: with its uffd - while a test kills the manager)
         self._pair_delay = float(os.environ.get("UFFDIO_TEST_PAIR_DELAY_MS", "0") or 0) / 1000
+        self._welcome_delay = float(os.environ.get("UFFDIO_TEST_WELCOME_DELAY_MS", "0") or 0) / 1000
         #: pages of a batch whose process died before reading them, read from a child
         #: forked during it (plain path; see ManagedProcess._rescue_batch)
         self.pages_rescued = 0
@@ -1534,6 +1534,12 @@ class Manager:
             if self._pair_delay:
                 await anyio.sleep(self._pair_delay)
             orphan = await self._pair(proc)
+            if orphan is None and h.flags & P.AF_RECONNECT:
+                # a fork child whose manager was killed before its agent had its uffd:
+                # the agent keeping that uffd for it may call us later - call again (it
+                # waits in fork() meanwhile, as long as its memory is registered)
+                await P.send(conn, P.pack(P.M_WELCOME, a=-errno.EAGAIN))
+                return None
             if orphan is None:
                 proc.unmanaged_reason = "its uffd from the fork event could not be matched"
                 await P.send(conn, P.pack(P.M_WELCOME, a=-errno.ESRCH))
@@ -1542,12 +1548,12 @@ class Manager:
                 return None
             proc.uffd = orphan.uffd
             proc._orphan = orphan
+            proc.table_ino = orphan.table_ino
             if orphan.kept is not None:
                 # the uffd and page table a killed manager's agent kept for it: taken
                 # over like those of any process that calls again (Swap._adopt), and
                 # served from now on (not before: see _Orphan.kept)
                 proc.swap_kept, orphan.kept = orphan.kept, None
-                proc.table_ino = orphan.table_ino
                 proc.resumed = True
                 self.orphans_taken_over += 1
                 self._need_swap()
@@ -1578,7 +1584,19 @@ class Manager:
                 self._drop_kept_twins(proc.table_ino)
                 self._need_swap()
             elif proc.swap_kept is None and h.flags & P.AF_TABLE_LOST:
-                proc.swap_lost = True
+                # a fork child given its uffd but not its table before its manager was
+                # killed: the agent up its fork chain that kept both may have brought
+                # them (the kept uffd is the child's own: the probe finds it)
+                o = await self._pair(proc, kept_only=True)
+                if o is not None and o.kept is not None:
+                    proc.swap_kept, o.kept = o.kept, None
+                    proc.table_ino = o.table_ino
+                    proc._orphan = o
+                    o.uffd.close()  # (a second descriptor of proc.uffd's)
+                    self.orphans_taken_over += 1
+                    self._need_swap()
+                else:
+                    proc.swap_lost = True
             if table < 0:
                 for fd in (sstore, sfile):
                     if fd >= 0:
@@ -1693,9 +1711,9 @@ class Manager:
         # (not start(): a cancellation of the parent's server - its process exiting right
         # after the fork - while it waited for the child's to start would cancel that too)
         self._tg.start_soon(self._serve_uffd, child, scope)
-        await self._keep_orphan(o)
+        self._keep_orphan(o)
 
-    async def _keep_orphan(self, o: _Orphan) -> None:
+    def _keep_orphan(self, o: _Orphan) -> None:
         """Have the agent of the nearest process up o's fork chain keep o's uffd and page
         table (with its store) until the child's own agent has them (_release_orphan).
         Until then they are only ours: were we killed, the kernel would unregister the
@@ -1706,34 +1724,43 @@ class Manager:
         (_take_kept_orphans).  Only under userspace swap: a page table is the whole
         record of a child's evicted pages (the plain path's rules are not kept)."""
         parent_uffd, o.parent_uffd = o.parent_uffd, None
+        # (no await in here: this runs in the parent's shielded fork hand-over, and the
+        # orphan can be neither paired nor reaped before its holder is recorded)
         if self.swap is None or o.uffd._engine is None:
             return
-        pt = lib.uf_engine_pt(o.uffd._engine)
+        pt = lib.uf_engine_pt(o.uffd._engine)  # (a reference of ours)
         if pt == ffi.NULL:
             return
-        table, sfd = lib.uf_pt_fd(pt), lib.uf_pt_store_fd(pt)
-        if table < 0 or sfd < 0:
-            return  # (a Python store: never taken over)
-        o.table_ino = os.fstat(table).st_ino
-        holder = self._holder_of(parent_uffd)
-        if holder is None:
-            return
-        n = self._orphan_serial
-        self._orphan_serial += 1
-        tags = []
-        fds = (o.uffd.fileno(), table, sfd, lib.uf_pt_store_file_fd(pt))
         try:
+            table, sfd = lib.uf_pt_fd(pt), lib.uf_pt_store_fd(pt)
+            if table < 0 or sfd < 0:
+                return  # (a Python store: never taken over)
+            o.table_ino = os.fstat(table).st_ino
+            holder = self._holder_of(parent_uffd)
+            if holder is None:
+                return
+            fds = (o.uffd.fileno(), table, sfd, lib.uf_pt_store_file_fd(pt))
+            n = self._orphan_serial
+            self._orphan_serial += 1
+            tags = []
             for k, fd in enumerate(fds):
-                if fd >= 0:
-                    tag = TAG_ORPHAN + 4 * n + k
-                    tags.append(tag)
-                    await P.send(holder._sock, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
-        except OSError as exc:
-            log.debug("pid %d: keeping a fork child's uffd: %s", holder.pid, exc)
-        if o.released:  # (paired, or reaped, while these were sent)
-            await self._drop_kept(holder, tuple(tags))
-        else:
+                if fd < 0:
+                    continue
+                tag = TAG_ORPHAN + 4 * n + k
+                try:
+                    # never waits: a holder whose agent does not read its socket must
+                    # not stall the parent's events (the child is then not covered)
+                    holder._sock.sendmsg(
+                        [P.pack(P.M_KEEP_FD, 0, 0, tag)],
+                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())],
+                    )
+                except OSError as exc:
+                    log.debug("pid %d: keeping a fork child's uffd: %s", holder.pid, exc)
+                    break
+                tags.append(tag)
             o.holder, o.tags = holder, tuple(tags)
+        finally:
+            lib.uf_pt_unref(pt)
 
     def _holder_of(self, u: Userfaultfd | None) -> ManagedProcess | None:
         """The process, up the fork chain from uffd u, whose agent can keep descriptors:
@@ -1757,7 +1784,7 @@ class Manager:
         """The holder's agent drops what it kept of o (see _keep_orphan): o's process has
         them itself now, or is gone."""
         holder, tags = o.holder, o.tags
-        o.holder, o.tags, o.released = None, (), True
+        o.holder, o.tags = None, ()
         if holder is not None and tags:
             await self._drop_kept(holder, tags)
 
@@ -1765,7 +1792,13 @@ class Manager:
         with anyio.move_on_after(30):
             await holder._welcomed.wait()
         if holder._gone.is_set():
-            return
+            # its agent may have called again (the same process, a new connection)
+            cur = self.processes.get(holder.pid)
+            if cur is None or cur is holder or cur._gone.is_set():
+                return
+            holder = cur
+            with anyio.move_on_after(30):
+                await holder._welcomed.wait()
         try:
             for tag in tags:
                 await P.send(holder._sock, P.pack(P.M_KEEP_FD, 0, 0, tag))
@@ -1776,45 +1809,66 @@ class Manager:
         """A process calling again (its manager was killed) brought the uffds and page
         tables of fork children that were not paired with theirs yet (_keep_orphan):
         each becomes an orphan here - not served until its child is paired with it (its
-        table must first be made true from that process: Swap._adopt)."""
+        table must first be made true from that process: Swap._adopt).  A group we do
+        not take is dropped by the holder too: a uffd nobody serves would keep its
+        child waiting for ever."""
         groups: dict[int, dict[int, int]] = {}
         for t in list(fds):
             n, k = divmod(t - TAG_ORPHAN, 4)
             groups.setdefault(n, {})[k] = fds.pop(t)
+        if groups:
+            # (our serials must not reuse a tag the holder keeps: a drop of ours would
+            # then take another child's copies)
+            self._orphan_serial = max(self._orphan_serial, max(groups) + 1)
         for n, g in sorted(groups.items()):
             tags = tuple(TAG_ORPHAN + 4 * n + k for k in sorted(g))
-            ufd, table, sfd, ffd = (g.pop(k, -1) for k in range(4))
-            for fd in g.values():  # (nothing else has such a tag)
+            try:
+                taken = self._take_kept_orphan(holder, g, tags)
+            except (OSError, UffdError) as exc:
+                log.warning("pid %d: a fork child's uffd it kept: %s", holder.pid, exc)
+                taken = False
+            for fd in g.values():  # (what was not taken)
                 os.close(fd)
-            ino = os.fstat(table).st_ino if table >= 0 else 0
-            twin = next((o for o in self._orphans if ino and o.table_ino == ino), None)
-            owner = any(ino and q.table_ino == ino for q in self.processes.values())
-            if holder.uid != os.geteuid() or ufd < 0 or table < 0 or sfd < 0 or owner or twin:
-                # another user's (a store is never taken from one), incomplete, or one we
-                # know already: from the process itself (it had its own copies: dropped
-                # here), or from an earlier connection of this holder
-                for fd in (ufd, table, sfd, ffd):
-                    if fd >= 0:
-                        os.close(fd)
-                if twin is not None:
-                    twin.holder, twin.tags = holder, tags
-                elif owner and self._tg is not None:
-                    self._tg.start_soon(self._drop_kept, holder, tags)
-                continue
-            u = Userfaultfd.from_fd(ufd, int(holder.features))
-            self._setup_uffd(u)
-            self._orphans.append(
-                _Orphan(
-                    u,
-                    holder.pid,
-                    anyio.CancelScope(),
-                    holder=holder,
-                    tags=tags,
-                    table_ino=ino,
-                    kept=(table, sfd, ffd),
-                )
+            if not taken and self._tg is not None:
+                self._tg.start_soon(self._drop_kept, holder, tags)
+
+    def _take_kept_orphan(
+        self, holder: ManagedProcess, g: dict[int, int], tags: tuple[int, ...]
+    ) -> bool:
+        """One group of _take_kept_orphans: whether it became an orphan (its descriptors
+        then leave g; those left in g are the caller's to close)."""
+        if holder.uid != os.geteuid() or any(k not in g for k in (0, 1, 2)):
+            return False  # (another user's: a store is never taken from one; incomplete)
+        ino = os.fstat(g[1]).st_ino
+        twin = next((o for o in self._orphans if o.table_ino == ino), None)
+        if twin is not None:
+            # one we have already: from an earlier connection of this holder (the same
+            # copies, under the same tags)
+            twin.holder, twin.tags = holder, tags
+            return True
+        if any(q.table_ino == ino for q in self.processes.values()):
+            return False  # its process has its own copies already
+        if (
+            not stat.S_ISREG(os.fstat(g[1]).st_mode)
+            or os.readlink(f"/proc/self/fd/{g[0]}") != "anon_inode:[userfaultfd]"
+        ):
+            return False
+        u = Userfaultfd.from_fd(g.pop(0), int(holder.features))
+        self._setup_uffd(u)
+        kept = (g.pop(1), g.pop(2), g.pop(3, -1))
+        self._orphans.append(
+            _Orphan(
+                u,
+                holder.pid,
+                anyio.CancelScope(),
+                holder=holder,
+                tags=tags,
+                table_ino=ino,
+                kept=kept,
             )
-            log.info("pid %d kept the uffd of a fork child of its for us", holder.pid)
+        )
+        log.info("pid %d kept the uffd of a fork child of its for us", holder.pid)
+        return True
 
     def _drop_kept_twins(self, ino: int) -> None:
         """A process calling again brought its own page table (inode ino): an orphan taken
@@ -1875,7 +1929,7 @@ class Manager:
                 self._reaping.remove(o)
                 await self._release_orphan(o)
 
-    async def _pair(self, proc: ManagedProcess) -> _Orphan | None:
+    async def _pair(self, proc: ManagedProcess, kept_only: bool = False) -> _Orphan | None:
         """Find which fork-event uffd belongs to ``proc``.  For each candidate: pick a page
         of proc's scratch area that is missing in proc, write a fresh token page there
         through the candidate uffd, and look at proc's page: only the uffd of proc's own mm
@@ -1884,14 +1938,16 @@ class Manager:
         one's copy fail with EEXIST later)."""
         self._pairing += 1
         try:
-            return await self._pair_once(proc)
+            return await self._pair_once(proc, kept_only)
         finally:
             self._pairing -= 1
 
-    async def _pair_once(self, proc: ManagedProcess) -> _Orphan | None:
+    async def _pair_once(self, proc: ManagedProcess, kept_only: bool) -> _Orphan | None:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             for o in list(self._orphans):
+                if kept_only and o.kept is None:
+                    continue
                 try:
                     probe = await anyio.to_thread.run_sync(_missing_page, proc)
                 except OSError:
@@ -1967,6 +2023,8 @@ class Manager:
                 if pidfd >= 0:
                     tg.start_soon(self._watch_exit, proc, pidfd, tg)
                 try:
+                    if proc._orphan is not None and self._welcome_delay:
+                        await anyio.sleep(self._welcome_delay)
                     await P.send(conn, P.pack(P.M_WELCOME, a=1 if proc.resumed else 0))
                     proc._welcomed.set()
                     if proc._state_new:
