@@ -6,7 +6,7 @@
 # checks an area its parent had evicted), under `uffdio serve --limit 8M --churn 0.02`
 # through the agent; SIGKILL after 1.0-3.0 s, then a second `uffdio serve` on the same
 # socket until the program ends.  Stops at the first failure or hang.
-#   usage: scripts/stress-takeover.sh [RUNS]      (about 10 s a run)
+#   usage: scripts/stress-takeover.sh [RUNS]      (about 40 s a run here)
 set -u
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -29,6 +29,8 @@ for i in $(seq 1 "${1:-20}"); do
     echo "run $i: HANG (threads of swaptest:)"
     for pid in $(pgrep -f "$SW"); do
       for t in /proc/"$pid"/task/*; do echo "  $pid/$(basename "$t") $(cat "$t"/wchan)"; done
+      command -v gdb > /dev/null && gdb -p "$pid" -batch -ex "thread apply all bt 12" 2>/dev/null \
+        | grep -E "^#|^Thread" | head -40
     done
     tail -5 "$D/m2.err"
     pkill -9 -f "$SW"; kill -9 $M2; exit 1
