@@ -1123,17 +1123,30 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
 	return (int)syscall(SYS_ioctl, fd, req, arg);
 }
 
+struct probe {
+	int fd, busy;
+};
+
+static void probe_one(uint64_t s, uint64_t e, void *arg)
+{
+	struct probe *p = arg;
+	struct uffdio_register r = { .range = { s, PAGE }, .mode = UFFDIO_REGISTER_MODE_MISSING };
+
+	if (!p->busy && ioctl(p->fd, UFFDIO_REGISTER, &r) < 0 && errno == EBUSY)
+		p->busy = 1;
+}
+
 /* Whether our memory is still registered with a uffd (a fork child's, kept by some
- * agent for the next manager): a uffd of our own cannot register our scratch area then
- * (EBUSY).  Nothing here touches memory the manager may have evicted (no getenv, no
- * malloc).  When we cannot tell, we say no: run on, as before anything was kept. */
+ * agent for the next manager): a uffd of our own cannot register a page of it then
+ * (EBUSY).  The scratch area first, then the first page of each range the agent would
+ * register (the scratch area may have been unregistered for a zap at the fork).
+ * Nothing here touches memory the manager may have evicted (no getenv, no malloc).
+ * When we cannot tell, we say no: run on, as before anything was kept. */
 static int still_registered(void)
 {
 	struct uffdio_api api = { .api = UFFD_API };
-	struct uffdio_register r = { .range = { A->scratch, PAGE },
-				     .mode = UFFDIO_REGISTER_MODE_MISSING };
 	int fd = (int)syscall(__NR_userfaultfd, O_CLOEXEC | O_NONBLOCK);
-	int busy = 0;
+	struct probe p = { -1, 0 };
 
 	if (fd < 0) {
 		int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -1144,10 +1157,14 @@ static int still_registered(void)
 		if (fd < 0)
 			return 0;
 	}
-	if (ioctl(fd, UFFDIO_API, &api) == 0 && ioctl(fd, UFFDIO_REGISTER, &r) < 0)
-		busy = errno == EBUSY;
+	p.fd = fd;
+	if (ioctl(fd, UFFDIO_API, &api) == 0) {
+		probe_one(A->scratch, A->scratch + PAGE, &p);
+		if (!p.busy)
+			walk_maps(probe_one, &p);
+	}
 	close(fd); /* (unregisters what it registered) */
-	return busy;
+	return p.busy;
 }
 
 /* A fork child (EVENT_FORK) whose manager went away before it welcomed us: killed
