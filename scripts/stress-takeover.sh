@@ -22,7 +22,7 @@ for i in $(seq 1 "${1:-20}"); do
     UFFDIO_AGENT_WP=1 "$SW" 32 rand 30000 2 30 fmrd > "$D/t.out" 2> "$D/t.err" & T=$!
   sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.2f", 1.0 + 2.0 * r / 32767 }')"
   kill -9 $M1; wait $M1 2>/dev/null
-  $PY -m uffdio serve --socket "$S" --limit 8M --churn 0.02 --exit-when-idle \
+  UFFDIO_LOG=info $PY -m uffdio serve --socket "$S" --limit 8M --churn 0.02 --exit-when-idle \
     --stats-json "$D/s.json" 2> "$D/m2.err" & M2=$!
   for _ in $(seq 1 120); do kill -0 $T 2>/dev/null || break; sleep 1; done
   if kill -0 $T 2>/dev/null; then
@@ -32,7 +32,8 @@ for i in $(seq 1 "${1:-20}"); do
       command -v gdb > /dev/null && gdb -p "$pid" -batch -ex "thread apply all bt 12" 2>/dev/null \
         | grep -E "^#|^Thread" | head -40
     done
-    tail -5 "$D/m2.err"
+    grep -v " DEBUG " "$D/m2.err" | tail -25
+    [ -x .venv/bin/py-spy ] && .venv/bin/py-spy dump --pid $M2 | grep -v "^ *$" | head -80
     pkill -9 -f "$SW"; kill -9 $M2; exit 1
   fi
   wait $T; rc=$?

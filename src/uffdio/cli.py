@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 
@@ -24,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    level = os.environ.get("UFFDIO_LOG", "")
+    if level:  # UFFDIO_LOG=debug|info|warning: uffdio's log on stderr
+        logging.basicConfig(
+            level=level.upper(), format="%(asctime)s uffdio %(levelname)s %(message)s"
+        )
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

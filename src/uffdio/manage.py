@@ -1062,15 +1062,37 @@ def _page_present(pid: int, addr: int) -> bool:
     return bool(entry >> 63)
 
 
+def _registered(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The parts of [start, end) of pid's memory registered with a uffd for missing pages
+    (VmFlags "um" in /proc/PID/smaps)."""
+    out = []
+    cur = (0, 0)
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if line[:1] in "0123456789abcdef":  # (a mapping's first line; the keys are capitalized)
+                lo, _, hi = line.split(None, 1)[0].partition("-")
+                cur = (int(lo, 16), int(hi, 16))
+            elif line.startswith("VmFlags:") and cur[1] > start and cur[0] < end:
+                if "um" in line.split()[1:]:
+                    out.append((max(cur[0], start), min(cur[1], end)))
+    return out
+
+
 def _missing_page(proc: ManagedProcess) -> int | None:
-    """A page of proc's scratch area that is not present in proc (pagemap)."""
+    """A page of proc's scratch area that is not present in proc (pagemap) and that is
+    registered (the agent unregisters a range of it for a moment to empty it; a child
+    forked then keeps that range unregistered, and a probe there could never succeed)."""
     n = proc.scratch_len // PAGE
     with open(f"/proc/{proc.pid}/pagemap", "rb") as f:
         f.seek(proc.scratch // PAGE * 8)
         data = f.read(8 * n)
+    reg = _registered(proc.pid, proc.scratch, proc.scratch + proc.scratch_len)
     for k in range(n - 1, -1, -1):  # from the top: eviction batches fill from the bottom
-        if not int.from_bytes(data[8 * k : 8 * k + 8], "little") >> 63:
-            return proc.scratch + k * PAGE
+        a = proc.scratch + k * PAGE
+        if not int.from_bytes(data[8 * k : 8 * k + 8], "little") >> 63 and any(
+            lo <= a < hi for lo, hi in reg
+        ):
+            return a
     return None
 
 
@@ -1268,6 +1290,8 @@ class Manager:
         #: fork-event uffds closed because their process was gone before its hello
         self.orphans_reaped = 0
         self._orphan_serial = 0
+        #: fork children told to call again (their kept uffd not found yet), by pid
+        self._pair_misses: dict[int, int] = {}
         #: fork children whose uffd a killed manager's agent kept, paired with it here
         self.orphans_taken_over = 0
         #: delays before pairing a fork child, and before welcoming a paired one (fault
@@ -1535,6 +1559,22 @@ class Manager:
                 await anyio.sleep(self._pair_delay)
             orphan = await self._pair(proc)
             if orphan is None and h.flags & P.AF_RECONNECT:
+                misses = self._pair_misses[pid] = self._pair_misses.get(pid, 0) + 1
+                log.info(
+                    "pid %d (forked, calling again): no uffd of the %d kept ones is its own yet",
+                    pid,
+                    sum(o.kept is not None for o in self._orphans),
+                )
+                if misses == 6:  # (a minute)
+                    reason = (
+                        f"pid {pid}, forked just before its manager was killed, cannot be"
+                        " paired with a uffd kept for it (none was kept, or its scratch area"
+                        " was unregistered for a zap at the fork: the probe cannot reach"
+                        " it); it waits, never served zeros - end it"
+                    )
+                    log.error("%s", reason)
+                    if self.swap is not None:
+                        self.swap._error(reason)
                 # a fork child whose manager was killed before its agent had its uffd:
                 # the agent keeping that uffd for it may call us later - call again (it
                 # waits in fork() meanwhile, as long as its memory is registered)
