@@ -86,7 +86,7 @@ struct agent {
 	 * table: the table is the only record of which of its pages were evicted */
 	int table_wanted;
 	/* the last handshake's answer: 1 welcomed, -1 refused (calling again would get the
-	 * same answer), 0 none (the connection broke first, or "call again": -EAGAIN) */
+	 * same answer), 2 "call again" (-EAGAIN), 0 none (the connection broke first) */
 	int welcome;
 	int64_t uffd_err;
 	uint64_t features;
@@ -334,7 +334,7 @@ static int handshake(int s, uint32_t flags)
 		if (fd >= 0)
 			close(fd);
 		if (h->type == UF_M_WELCOME) {
-			A->welcome = h->a >= 0 ? 1 : h->a == -EAGAIN ? 0 : -1;
+			A->welcome = h->a >= 0 ? 1 : h->a == -EAGAIN ? 2 : -1;
 			return h->a < 0 ? (int)h->a : 0;
 		}
 	}
@@ -1176,6 +1176,8 @@ static int still_registered(void)
  * until a manager takes us over (or says it cannot). */
 static int call_again_forked(void)
 {
+	int broken = 0;
+
 	for (;;) {
 		int s, rc;
 
@@ -1193,6 +1195,10 @@ static int call_again_forked(void)
 		}
 		close(s);
 		if (A->welcome < 0)
+			return rc;
+		/* a manager that takes our hello and drops us, again and again, without an
+		 * answer (a bug of its): give up after a while, and run on as before */
+		if (A->welcome == 0 && ++broken > 50)
 			return rc;
 	}
 }
@@ -1249,7 +1255,8 @@ EXPORT pid_t fork(void)
 		 * Without it, nothing is registered here and we start afresh. */
 		A->event_fork = ef;
 		A->welcome = 0;
-		if (session_start(UF_AF_FORKED) < 0 && ef && A->welcome == 0 && !A->uffd_err)
+		if (session_start(UF_AF_FORKED) < 0 && ef && (A->welcome == 0 || A->welcome == 2) &&
+		    !A->uffd_err)
 			call_again_forked();
 	}
 	return 0;
