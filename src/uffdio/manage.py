@@ -646,8 +646,23 @@ class ManagedProcess:
         start left it (see _inherits_batch), or a batch whose snapshot was not written -
         once a snapshot says it is no longer needed."""
         if self._scratch_dirty and (self.manager.swap is not None or self._write_snapshot()):
-            await self.request(P.M_DONTNEED, [self.scratch, self.scratch_len])
+            await self._zap_present_scratch()
             self._scratch_dirty = False
+
+    async def _zap_present_scratch(self) -> None:
+        """Empty the scratch area where something is present (a pairing probe page,
+        copies of a parent's batch), not the whole area: the agent unregisters each range
+        it empties for a moment, and a child forked then keeps that range unregistered -
+        its pairing probe needs a registered page (_missing_page)."""
+        area = [(self.scratch, self.scratch_len)]
+        try:
+            present = await anyio.to_thread.run_sync(self.present_ranges, area)
+        except OSError:  # (UffdError too)
+            present = area
+        if len(present) > 64:
+            present = area  # (fragmented: one message, one range)
+        if present:
+            await self.request(P.M_DONTNEED, [x for r in present for x in r])
 
     async def _empty_scratch_soon(self) -> None:
         """The inherited batch closed: empty the scratch area now (Manager._sweep_scratch)
@@ -1087,13 +1102,16 @@ def _missing_page(proc: ManagedProcess) -> int | None:
         f.seek(proc.scratch // PAGE * 8)
         data = f.read(8 * n)
     reg = _registered(proc.pid, proc.scratch, proc.scratch + proc.scratch_len)
+    first = None
     for k in range(n - 1, -1, -1):  # from the top: eviction batches fill from the bottom
         a = proc.scratch + k * PAGE
-        if not int.from_bytes(data[8 * k : 8 * k + 8], "little") >> 63 and any(
-            lo <= a < hi for lo, hi in reg
-        ):
-            return a
-    return None
+        if not int.from_bytes(data[8 * k : 8 * k + 8], "little") >> 63:
+            if any(lo <= a < hi for lo, hi in reg):
+                return a
+            if first is None:
+                first = a
+    # (none registered as far as smaps said a moment ago: the top missing one, as before)
+    return first
 
 
 def _normalize(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -1993,6 +2011,7 @@ class Manager:
                 except OSError:
                     return None  # it exited
                 if probe is None:
+                    log.info("pid %d: no missing page in its scratch area", proc.pid)
                     return None
                 token = os.urandom(16) * (PAGE // 16)
                 try:
@@ -2020,6 +2039,7 @@ class Manager:
                     self._orphans.remove(o)
                     return o
             await anyio.sleep(0.005)  # the fork event may not have been read yet
+        log.info("pid %d: no candidate uffd put a probe page in its scratch area", proc.pid)
         return None
 
     async def _run(self, proc: ManagedProcess) -> None:
@@ -2089,7 +2109,7 @@ class Manager:
                         if proc._inherits_batch():
                             proc._scratch_dirty = True
                         else:
-                            await proc.request(P.M_DONTNEED, [proc.scratch, proc.scratch_len])
+                            await proc._zap_present_scratch()
                     if self.swap is not None:
                         # only now may the policy evict it: before, its evict lock was
                         # held for the zap, which its agent answers only once its thread
