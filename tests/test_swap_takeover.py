@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,29 @@ def _kill(p: subprocess.Popen[str]) -> None:
     p.wait()
 
 
+def _successor(
+    sock: str, stats: Path, target: subprocess.Popen[str], opts: Sequence[str] = ("--limit", "8M")
+) -> str:
+    """`uffdio serve OPTS --exit-when-idle` on sock, taking over from a manager that is
+    gone, until its programs ended; returns its stderr."""
+    m2 = subprocess.Popen(
+        UFFDIO
+        + ["serve", "--socket", sock, *opts, "--exit-when-idle"]
+        + ["--stats-json", str(stats)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _, m2err = m2.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        m2.kill()
+        _, m2err = m2.communicate()
+        msg = f"the new manager did not finish: {_state(target)}\n{m2err}"
+        raise AssertionError(msg) from None
+    assert m2.returncode == 0, m2err
+    return m2err
+
+
 @pytest.mark.parametrize(
     "first, second, events",
     [
@@ -113,20 +137,7 @@ def test_killed_swap_manager_is_taken_over(
         if not events:  # (with events, the threads may be stopped for one)
             assert _threads_waiting(target.pid)  # waiting, not reading zeros
         stats = tmp_path / "s.json"
-        m2 = subprocess.Popen(
-            UFFDIO
-            + ["serve", "--socket", sock, *second, "--exit-when-idle", "--stats-json", str(stats)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            _, m2err = m2.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            m2.kill()
-            _, m2err = m2.communicate()
-            msg = f"the new manager did not finish: {_state(target)}\n{m2err}"
-            raise AssertionError(msg) from None
-        assert m2.returncode == 0, m2err
+        _successor(sock, stats, target, second)
         out, err = target.communicate(timeout=60)
         assert target.returncode == 0, out + err
         assert "ok checked=" in out
@@ -170,7 +181,6 @@ def test_fork_child_of_a_killed_manager_reads_its_parents_evicted_pages(
     sock = str(tmp_path / "m.sock")
     m1 = _serve(sock, "--limit", "8M", env={delay: "60000"})
     target = _target(swaptest, sock, "32", "rand", "20000", "2", "30", "f", min_ms=0)
-    m2 = None
     try:
         deadline = time.monotonic() + 60
         while not _children(target.pid):
@@ -182,21 +192,7 @@ def test_fork_child_of_a_killed_manager_reads_its_parents_evicted_pages(
         time.sleep(0.5)
         assert target.poll() is None, target.communicate()
         stats = tmp_path / "s.json"
-        m2 = subprocess.Popen(
-            UFFDIO
-            + ["serve", "--socket", sock, "--limit", "8M", "--exit-when-idle"]
-            + ["--stats-json", str(stats)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            _, m2err = m2.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            m2.kill()
-            _, m2err = m2.communicate()
-            msg = f"the new manager did not finish: {_state(target)}\n{m2err}"
-            raise AssertionError(msg) from None
-        assert m2.returncode == 0, m2err
+        m2err = _successor(sock, stats, target)
         out, err = target.communicate(timeout=60)
         assert target.returncode == 0, out + err + m2err
         assert "ok checked=" in out
@@ -207,8 +203,6 @@ def test_fork_child_of_a_killed_manager_reads_its_parents_evicted_pages(
     finally:
         _kill(target)
         _kill(m1)
-        if m2 is not None:
-            _kill(m2)
 
 
 def test_takeover_twice(swaptest: str, tmp_path: Path) -> None:
@@ -343,21 +337,7 @@ def test_manager_ending_without_giving_back_leaves_the_pages(swaptest: str, tmp_
         assert "the embedding program fails" in m1err
         assert target.poll() is None, target.communicate()
         stats = tmp_path / "s.json"
-        m2 = subprocess.Popen(
-            UFFDIO
-            + ["serve", "--socket", sock, "--limit", "8M", "--exit-when-idle"]
-            + ["--stats-json", str(stats)],
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            _, m2err = m2.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            m2.kill()
-            _, m2err = m2.communicate()
-            msg = f"the new manager did not finish: {_state(target)}\n{m2err}"
-            raise AssertionError(msg) from None
-        assert m2.returncode == 0, m2err
+        _successor(sock, stats, target)
         out, err = target.communicate(timeout=60)
         assert target.returncode == 0, out + err
         rec = json.loads(stats.read_text())["recovered"]
