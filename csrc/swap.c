@@ -1793,6 +1793,13 @@ static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *
 			res->dropped++;
 		return;
 	}
+	if (!own && E_SLOT(v) && (out == OUT_NONE || out == OUT_ZERO)) {
+		/* a table forked from the batch whose copy of the page is clean (its store copy
+		 * is its data) while the batch's own table has nothing for it: the program
+		 * discarded the page after the fork, which the child did not - it keeps it */
+		out = OUT_EVICTED;
+		slot = E_SLOT(v);
+	}
 	switch (out) {
 	case OUT_RESTORE:
 		ent_set(pt, e, E_MAKE(E_SLOT(v), E_SLOT(v) ? UF_PG_CLEAN : UF_PG_NONE, E_STAMP(v)));
@@ -1821,8 +1828,10 @@ static void apply(uf_pt *pt, uint64_t addr, int out, uint64_t slot, const void *
  * Pages moved but neither read nor clean were holes.  Pages whose store put fails
  * are installed back from buf (the eviction of those pages is aborted; nothing is
  * lost) and res->put_error says why.  Faults waiting on the batch are then woken. */
-/* The batch offsets of pages to put: read, TRANSIT without a store copy, not dropped,
- * not all zeros (lock held).  Returns how many. */
+/* The batch offsets of pages to put: read, TRANSIT without a store copy, not all zeros,
+ * not dropped - unless tables were forked from the batch: a page the program discarded
+ * after the fork is gone for it, not for the child, whose only copy of it is this one
+ * (lock held).  Returns how many. */
 static size_t pages_to_put(uf_pt *pt, const uint64_t *read, size_t nread, uint64_t buf, uint64_t *putoff,
 			   size_t max)
 {
@@ -1830,7 +1839,9 @@ static size_t pages_to_put(uf_pt *pt, const uint64_t *read, size_t nread, uint64
 
 	FOR_BATCH_PAGES(pt, idx, addr) {
 		uint64_t off = idx * PG, v = ent_get(pt, translate(pt, addr));
-		if (!in_pairs(read, nread, off) || E_STATE(v) != UF_PG_TRANSIT || (v & E_DROPPED))
+		if (!in_pairs(read, nread, off) || E_STATE(v) != UF_PG_TRANSIT)
+			continue;
+		if ((v & E_DROPPED) && !pt->nkids)
 			continue;
 		if (E_SLOT(v))
 			continue;
@@ -2172,8 +2183,10 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 			out = OUT_RESTORE;
 		} else if (!in_pairs(moved, nmoved, off)) {
 			out = OUT_RESTORE; /* the kernel refused (shared, pinned) or it vanished */
-		} else if (E_STATE(v) == UF_PG_TRANSIT && E_SLOT(v) && !(v & E_DROPPED)) {
-			out = OUT_EVICTED; /* clean: evicted without reading or writing */
+		} else if (E_STATE(v) == UF_PG_TRANSIT && E_SLOT(v) && (!(v & E_DROPPED) || pt->nkids)) {
+			/* clean: evicted without reading or writing (dropped here, apply() lets it
+			 * go; the tables forked from the batch keep their copy's slot) */
+			out = OUT_EVICTED;
 			slot = E_SLOT(v);
 			res->clean++;
 		} else if (is_put) {

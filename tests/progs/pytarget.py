@@ -85,6 +85,22 @@ def main() -> None:
             reply = (
                 f"{child} {os.waitstatus_to_exitcode(st)} {hashlib.sha256(r.bytes()).hexdigest()}"
             )
+        elif cmd == "forkzap":  # fork; the parent discards the region at once
+            # (madvise DONTNEED) while the child waits SECONDS, then hashes its copy
+            rd, wr = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                import time
+
+                time.sleep(float(a[0]))
+                os.write(wr, hashlib.sha256(r.bytes()).hexdigest().encode())
+                os._exit(0)
+            os.close(wr)
+            zap = libc.madvise(r.addr, r.len, MADV_DONTNEED)
+            child = os.read(rd, 64).decode()
+            os.close(rd)
+            os.waitpid(pid, 0)
+            reply = f"{child} {zap} {'1' if r.bytes().count(0) == r.len else '0'}"
         elif cmd == "ownuffd":  # register [off, off+len) with a userfaultfd of our own
             libc.syscall.restype = ctypes.c_long
             fd = libc.syscall(323, os.O_CLOEXEC | os.O_NONBLOCK)
