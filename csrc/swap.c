@@ -2183,10 +2183,8 @@ static int commit_core(uf_pt *pt, const uint64_t *moved, size_t nmoved, const ui
 			out = OUT_RESTORE;
 		} else if (!in_pairs(moved, nmoved, off)) {
 			out = OUT_RESTORE; /* the kernel refused (shared, pinned) or it vanished */
-		} else if (E_STATE(v) == UF_PG_TRANSIT && E_SLOT(v) && (!(v & E_DROPPED) || pt->nkids)) {
-			/* clean: evicted without reading or writing (dropped here, apply() lets it
-			 * go; the tables forked from the batch keep their copy's slot) */
-			out = OUT_EVICTED;
+		} else if (E_STATE(v) == UF_PG_TRANSIT && E_SLOT(v) && !(v & E_DROPPED)) {
+			out = OUT_EVICTED; /* clean: evicted without reading or writing */
 			slot = E_SLOT(v);
 			res->clean++;
 		} else if (is_put) {

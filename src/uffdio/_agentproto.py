@@ -72,15 +72,21 @@ def pack(
     return HDR.pack(type, flags, seq, a, b, c, len(payload) // 8) + payload
 
 
-async def send(sock: socket.socket, data: bytes, fd: int = -1) -> None:
+def send_now(sock: socket.socket, data: bytes, fd: int = -1) -> None:
+    """One message (with fd, if any) without waiting: BlockingIOError when the socket is
+    full."""
     anc = (
         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
         if fd >= 0
         else []
     )
+    sock.sendmsg([data], anc)
+
+
+async def send(sock: socket.socket, data: bytes, fd: int = -1) -> None:
     while True:
         try:
-            sock.sendmsg([data], anc)
+            send_now(sock, data, fd)
             return
         except BlockingIOError:
             await anyio.wait_writable(sock)

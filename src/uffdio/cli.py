@@ -26,11 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = os.environ.get("UFFDIO_LOG", "")
+    level = os.environ.get("UFFDIO_LOG", "").upper()
     if level:  # UFFDIO_LOG=debug|info|warning: uffdio's log on stderr
-        logging.basicConfig(
-            level=level.upper(), format="%(asctime)s uffdio %(levelname)s %(message)s"
-        )
+        if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            print(
+                f"uffdio: UFFDIO_LOG={os.environ['UFFDIO_LOG']!r} is not a log level:"
+                " use debug, info, warning or error (or leave it unset)",
+                file=sys.stderr,
+            )
+            return 2
+        logging.basicConfig(level=level, format="%(asctime)s uffdio %(levelname)s %(message)s")
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

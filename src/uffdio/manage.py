@@ -182,8 +182,6 @@ class _Orphan:
     uffd: Userfaultfd
     parent: int
     scope: anyio.CancelScope
-    #: the uffd whose FORK message made this one (to find a holder; None once kept)
-    parent_uffd: Userfaultfd | None = None
     #: the process whose agent keeps this uffd and its page table for a manager that
     #: takes over (Manager._keep_orphan), and the tags it keeps them under
     holder: ManagedProcess | None = None
@@ -1605,17 +1603,13 @@ class Manager:
                 self._add(proc)
                 return None
             proc.uffd = orphan.uffd
-            proc._orphan = orphan
-            proc.table_ino = orphan.table_ino
+            self._pair_misses.pop(pid, None)
             if orphan.kept is not None:
-                # the uffd and page table a killed manager's agent kept for it: taken
-                # over like those of any process that calls again (Swap._adopt), and
                 # served from now on (not before: see _Orphan.kept)
-                proc.swap_kept, orphan.kept = orphan.kept, None
-                proc.resumed = True
-                self.orphans_taken_over += 1
-                self._need_swap()
+                self._take_kept_table(proc, orphan)
             else:
+                proc._orphan = orphan
+                proc.table_ino = orphan.table_ino
                 proc._scope = orphan.scope
             # the child keeps a duplicate, so that it survives us like any other
             await P.send(conn, P.pack(P.M_GIVE_UFFD), os.dup(orphan.uffd.fileno()))
@@ -1646,13 +1640,9 @@ class Manager:
                 # killed: the agent up its fork chain that kept both may have brought
                 # them (the kept uffd is the child's own: the probe finds it)
                 o = await self._pair(proc, kept_only=True)
-                if o is not None and o.kept is not None:
-                    proc.swap_kept, o.kept = o.kept, None
-                    proc.table_ino = o.table_ino
-                    proc._orphan = o
+                if o is not None:
+                    self._take_kept_table(proc, o)
                     o.uffd.close()  # (a second descriptor of proc.uffd's)
-                    self.orphans_taken_over += 1
-                    self._need_swap()
                 else:
                     proc.swap_lost = True
             if table < 0:
@@ -1764,15 +1754,16 @@ class Manager:
         parent_uffd, child.fork_parent = child.fork_parent, None
         child.on_fork_child = self._on_fork_child
         scope = anyio.CancelScope()
-        o = _Orphan(child, 0, scope, parent_uffd=parent_uffd)
+        o = _Orphan(child, 0, scope)
         self._orphans.append(o)
         # (not start(): a cancellation of the parent's server - its process exiting right
         # after the fork - while it waited for the child's to start would cancel that too)
         self._tg.start_soon(self._serve_uffd, child, scope)
-        self._keep_orphan(o)
+        self._keep_orphan(o, parent_uffd)
 
-    def _keep_orphan(self, o: _Orphan) -> None:
-        """Have the agent of the nearest process up o's fork chain keep o's uffd and page
+    def _keep_orphan(self, o: _Orphan, parent_uffd: Userfaultfd | None) -> None:
+        """Have the agent of the nearest process up o's fork chain (from parent_uffd, the
+        uffd whose FORK message made o's) keep o's uffd and page
         table (with its store) until the child's own agent has them (_release_orphan).
         Until then they are only ours: were we killed, the kernel would unregister the
         child's memory with our last descriptor of its uffd, and every page its parent
@@ -1781,7 +1772,6 @@ class Manager:
         meanwhile, and its agent (calling again, FORKED) is paired with them there
         (_take_kept_orphans).  Only under userspace swap: a page table is the whole
         record of a child's evicted pages (the plain path's rules are not kept)."""
-        parent_uffd, o.parent_uffd = o.parent_uffd, None
         # (no await in here: this runs in the parent's shielded fork hand-over, and the
         # orphan can be neither paired nor reaped before its holder is recorded)
         if self.swap is None or o.uffd._engine is None:
@@ -1808,10 +1798,7 @@ class Manager:
                 try:
                     # never waits: a holder whose agent does not read its socket must
                     # not stall the parent's events (the child is then not covered)
-                    holder._sock.sendmsg(
-                        [P.pack(P.M_KEEP_FD, 0, 0, tag)],
-                        [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())],
-                    )
+                    P.send_now(holder._sock, P.pack(P.M_KEEP_FD, 0, 0, tag), fd)
                 except OSError as exc:
                     log.debug("pid %d: keeping a fork child's uffd: %s", holder.pid, exc)
                     break
@@ -1897,7 +1884,8 @@ class Manager:
         then leave g; those left in g are the caller's to close)."""
         if holder.uid != os.geteuid() or any(k not in g for k in (0, 1, 2)):
             return False  # (another user's: a store is never taken from one; incomplete)
-        ino = os.fstat(g[1]).st_ino
+        st = os.fstat(g[1])
+        ino = st.st_ino
         twin = next((o for o in self._orphans if o.table_ino == ino), None)
         if twin is not None:
             # one we have already: from an earlier connection of this holder (the same
@@ -1907,7 +1895,7 @@ class Manager:
         if any(q.table_ino == ino for q in self.processes.values()):
             return False  # its process has its own copies already
         if (
-            not stat.S_ISREG(os.fstat(g[1]).st_mode)
+            not stat.S_ISREG(st.st_mode)
             or os.readlink(f"/proc/self/fd/{g[0]}") != "anon_inode:[userfaultfd]"
         ):
             return False
@@ -1927,6 +1915,18 @@ class Manager:
         )
         log.info("pid %d kept the uffd of a fork child of its for us", holder.pid)
         return True
+
+    def _take_kept_table(self, proc: ManagedProcess, o: _Orphan) -> None:
+        """proc was paired with o, an orphan a killed manager's agent kept (_Orphan.kept):
+        its page table and store are taken over like those of any process that calls
+        again (Swap._adopt); the holder drops its copies once proc's agent has them."""
+        assert o.kept is not None
+        proc.swap_kept, o.kept = o.kept, None
+        proc.table_ino = o.table_ino
+        proc._orphan = o
+        proc.resumed = True
+        self.orphans_taken_over += 1
+        self._need_swap()
 
     def _drop_kept_twins(self, ino: int) -> None:
         """A process calling again brought its own page table (inode ino): an orphan taken
